@@ -1,0 +1,176 @@
+//! Opening and mapping a region file, validated before it is touched.
+
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::ptr::NonNull;
+
+use memmap2::{Mmap, MmapMut, MmapOptions};
+use sluice_shm_layout::layout::{self, Region, HEADER_SIZE};
+
+/// The default region path on a developer's machine.
+pub const DEFAULT_REGION: &str = "/dev/shm/sluice";
+
+/// The environment variable that overrides the region path.
+pub const REGION_ENV: &str = "SLUICE_REGION";
+
+/// The region path to use: `explicit`, else `$SLUICE_REGION`, else
+/// [`DEFAULT_REGION`].
+pub fn region_path(explicit: Option<&Path>) -> PathBuf {
+    if let Some(p) = explicit {
+        return p.to_path_buf();
+    }
+    match std::env::var_os(REGION_ENV) {
+        Some(v) if !v.is_empty() => PathBuf::from(v),
+        _ => PathBuf::from(DEFAULT_REGION),
+    }
+}
+
+/// Why a region could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    /// No file at the path.
+    #[error("region {path} does not exist: start sluiced, or point --region / SLUICE_REGION at the region it serves")]
+    Missing {
+        /// The path tried.
+        path: PathBuf,
+    },
+    /// Not allowed to open it.
+    #[error("permission denied opening region {path} for {access}: run as a member of its group (see ls -l {path})")]
+    PermissionDenied {
+        /// The path tried.
+        path: PathBuf,
+        /// "reading" or "reading and writing".
+        access: &'static str,
+    },
+    /// The header or size is wrong.
+    #[error("region {path}: {source}; {hint}")]
+    Layout {
+        /// The path tried.
+        path: PathBuf,
+        /// What was wrong.
+        source: layout::AttachError,
+        /// What to do about it.
+        hint: &'static str,
+    },
+    /// Any other I/O error.
+    #[error("region {path}: {op}: {source}")]
+    Io {
+        /// The path tried.
+        path: PathBuf,
+        /// What was being done.
+        op: &'static str,
+        /// The error.
+        source: io::Error,
+    },
+}
+
+fn hint_for(e: &layout::AttachError) -> &'static str {
+    match e {
+        layout::AttachError::VersionMismatch { .. } | layout::AttachError::RecordSize { .. } => {
+            "run a sluice build of the same layout version as the daemon, or restart sluiced from this build once no client uses the region"
+        }
+        layout::AttachError::NotPublished => "wait for sluiced to finish starting; if none is running, restart it",
+        _ => "stop its clients, remove the file and restart sluiced",
+    }
+}
+
+enum Mapping {
+    Ro(#[allow(dead_code)] Mmap),
+    Rw(#[allow(dead_code)] MmapMut),
+}
+
+/// A mapped, validated region. Keeps the mapping alive as long as the view.
+pub struct RegionMap {
+    // Field order matters only for clarity: `region` holds a raw pointer into
+    // `_mapping`, and both drop together.
+    region: Region,
+    _mapping: Mapping,
+    file: File,
+    path: PathBuf,
+}
+
+impl RegionMap {
+    /// Open and map the region at `path`, read-only or read-write.
+    pub fn open(path: &Path, writable: bool) -> Result<Self, OpenError> {
+        let access = if writable { "reading and writing" } else { "reading" };
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(writable)
+            .open(path)
+            .map_err(|e| open_error(path, access, e))?;
+        let io = |op: &'static str| {
+            let path = path.to_path_buf();
+            move |source| OpenError::Io { path, op, source }
+        };
+        let len = file.metadata().map_err(io("stat"))?.len();
+        let layout_err = |source: layout::AttachError| OpenError::Layout {
+            path: path.to_path_buf(),
+            hint: hint_for(&source),
+            source,
+        };
+        let mut head = [0u8; HEADER_SIZE];
+        if len >= HEADER_SIZE as u64 {
+            file.read_exact_at(&mut head, 0).map_err(io("read header"))?;
+        }
+        layout::check_header_bytes(&head, len).map_err(layout_err)?;
+        let size = usize::try_from(len).map_err(|_| {
+            layout_err(layout::AttachError::Corrupt(format!("size {len} does not fit memory")))
+        })?;
+        let mut opts = MmapOptions::new();
+        opts.len(size);
+        let (mapping, base) = if writable {
+            // SAFETY: mapping a file shared with other processes: every access
+            // to it goes through atomics (see sluice_shm_layout::layout), and
+            // its length was checked against the header just above.
+            let mut m = unsafe { opts.map_mut(&file) }.map_err(io("map"))?;
+            let base = NonNull::new(m.as_mut_ptr());
+            (Mapping::Rw(m), base)
+        } else {
+            // SAFETY: as above, read-only.
+            let m = unsafe { opts.map(&file) }.map_err(io("map"))?;
+            let base = NonNull::new(m.as_ptr() as *mut u8);
+            (Mapping::Ro(m), base)
+        };
+        let base = base.ok_or_else(|| OpenError::Io {
+            path: path.to_path_buf(),
+            op: "map",
+            source: io::Error::other("null mapping"),
+        })?;
+        // SAFETY: `base` is a page-aligned mapping of `size` bytes owned by
+        // `mapping`, which lives in the returned value beside the view.
+        let region = unsafe { Region::attach(base, size) }.map_err(layout_err)?;
+        Ok(Self { region, _mapping: mapping, file, path: path.to_path_buf() })
+    }
+
+    /// Wrap a mapping the daemon has just created and initialised.
+    pub fn from_parts(region: Region, map: MmapMut, file: File, path: PathBuf) -> Self {
+        Self { region, _mapping: Mapping::Rw(map), file, path }
+    }
+
+    /// The typed view.
+    pub fn region(&self) -> &Region {
+        &self.region
+    }
+
+    /// The open file (for locks and stat).
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
+    /// The path it was opened from.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+fn open_error(path: &Path, access: &'static str, e: io::Error) -> OpenError {
+    match e.kind() {
+        io::ErrorKind::NotFound => OpenError::Missing { path: path.to_path_buf() },
+        io::ErrorKind::PermissionDenied => {
+            OpenError::PermissionDenied { path: path.to_path_buf(), access }
+        }
+        _ => OpenError::Io { path: path.to_path_buf(), op: "open", source: e },
+    }
+}

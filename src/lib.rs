@@ -1,0 +1,1 @@
+//! Root package: owns the cross-process tests in `tests/` and the benches in `benches/`.
