@@ -365,13 +365,13 @@ impl Client {
         let mut known = Vec::new();
         for i in 0..region.geometry().caps.classes {
             let Some(rec) = region.class(i) else { break };
-            // Acquire pairs with the daemon's Release store of the
-            // generation after it wrote the class config and name.
-            let generation = rec.generation.load(Ordering::Acquire);
-            // Relaxed: ordered by the Acquire load above.
-            if rec.state.load(Ordering::Relaxed) != CLASS_ACTIVE {
+            // Acquire pairs with the daemon's Release store of `state`, made
+            // after it wrote the name, the config and the new generation.
+            if rec.state.load(Ordering::Acquire) != CLASS_ACTIVE {
                 continue;
             }
+            // Relaxed: ordered after the Acquire load above.
+            let generation = rec.generation.load(Ordering::Relaxed);
             if rec.name_is(name) {
                 return Ok(ClassHandle { client: self, index: i, generation, name: name.to_string() });
             }

@@ -467,7 +467,8 @@ impl Region {
         Ok(Self { base, geo })
     }
 
-    /// Lay a new region out in zeroed memory and publish it.
+    /// Lay a new region out in zeroed memory, unpublished (attachers refuse
+    /// it until [`Region::publish`]).
     ///
     /// # Safety
     ///
@@ -503,10 +504,15 @@ impl Region {
         h.off_clients.store(geo.off_clients, Ordering::Relaxed);
         h.off_counters.store(geo.off_counters, Ordering::Relaxed);
         h.off_slots.store(geo.off_slots, Ordering::Relaxed);
-        // Release pairs with the Acquire load in `attach`: publishes the
-        // header above and whatever the caller wrote before calling.
-        h.layout_version.store(LAYOUT_VERSION, Ordering::Release);
         Self { base, geo }
+    }
+
+    /// Publish a region laid out by [`Region::initialize`]: after this,
+    /// attachers accept it. Call once the classes are written.
+    pub fn publish(&self) {
+        // Release pairs with the Acquire load in `attach`: publishes the
+        // header and everything the creator wrote before this.
+        self.header().layout_version.store(LAYOUT_VERSION, Ordering::Release);
     }
 
     /// The validated geometry.

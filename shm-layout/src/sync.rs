@@ -37,8 +37,8 @@ pub mod crash {
     use std::cell::Cell;
 
     loom::thread_local! {
-        static ARMED: Cell<u32> = const { Cell::new(u32::MAX) };
-        static STEP: Cell<u32> = const { Cell::new(0) };
+        static ARMED: Cell<u32> = Cell::new(u32::MAX);
+        static STEP: Cell<u32> = Cell::new(0);
     }
 
     /// Stop this thread at its `step`-th crash point (0-based); `u32::MAX`

@@ -1,0 +1,44 @@
+//! `sluice check-config PATH`.
+
+use std::path::PathBuf;
+
+use clap::Args;
+
+use crate::config::{Config, DEFAULT_CONFIG_TOML};
+use crate::exit;
+
+/// Arguments of `check-config`.
+#[derive(Args, Debug)]
+pub struct CheckArgs {
+    /// The config file to check.
+    #[arg(value_name = "PATH", required_unless_present = "print_default")]
+    pub path: Option<PathBuf>,
+
+    /// Print the embedded default config (a commented starting point).
+    #[arg(long, conflicts_with = "path")]
+    pub print_default: bool,
+}
+
+/// Run `check-config`.
+pub fn run(args: &CheckArgs) -> i32 {
+    if args.print_default {
+        print!("{DEFAULT_CONFIG_TOML}");
+        return exit::OK;
+    }
+    let Some(path) = &args.path else { return exit::USAGE };
+    match Config::load(path) {
+        Ok(c) => {
+            let names: Vec<&str> = c.classes.iter().map(|c| c.name.as_str()).collect();
+            println!(
+                "{}: ok: {} classes ({}), {} dependencies, tenants {}",
+                path.display(),
+                c.classes.len(),
+                names.join(", "),
+                c.dependencies.len(),
+                if c.tenants.is_some() { "on" } else { "off" }
+            );
+            exit::OK
+        }
+        Err(e) => crate::cli::fail(exit::CONFIG, e),
+    }
+}

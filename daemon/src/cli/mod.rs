@@ -1,0 +1,100 @@
+//! The `sluice` ops command: one module per subcommand. Doc comments are the
+//! help text.
+
+pub mod check_config;
+pub mod run;
+pub mod stats;
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+use crate::exit;
+
+/// sluice: admission control for one host, in shared memory.
+///
+/// Reads and steers the region that `sluiced` serves. Every request gets an
+/// explicit decision: admitted (maybe degraded), or refused with a reason and,
+/// where one exists, the time to come back.
+///
+/// Exit codes: 0 ok; 64 usage error (bad flag, unknown class, cost 0); 69
+/// region missing or unusable; 75 the work was not run (refused: reason and
+/// retry-after on stderr); 78 bad config. `sluice run` otherwise exits with
+/// its command's status (128 + signal when the command was killed).
+#[derive(Parser, Debug)]
+#[command(name = "sluice", version, propagate_version = true)]
+pub struct Cli {
+    /// Region file [default: /dev/shm/sluice].
+    #[arg(long, global = true, value_name = "PATH", env = "SLUICE_REGION")]
+    pub region: Option<PathBuf>,
+
+    /// More logging.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+
+    /// Only errors.
+    #[arg(short, long, global = true)]
+    pub quiet: bool,
+
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Show the daemon and every class: in flight, admitted, degraded,
+    /// refused by reason. Exits 0 (with a warning) even when sluiced is down.
+    Stats(stats::StatsArgs),
+    /// Run a command while holding a permit of a class, like flock or GNU
+    /// sem with lanes, rates and crash safety.
+    ///
+    /// Refused: exits 75 without running it, the reason and any retry-after
+    /// on stderr. Admitted: runs it (SLUICE_CLASS, SLUICE_GRANTED and, when
+    /// degraded, SLUICE_DEGRADED=1 in its environment), forwards signals,
+    /// kills it if sluice dies, releases the permit when it ends and exits
+    /// with its status.
+    ///
+    /// Example: sluice run --class reports -- ./make-report.sh --daily
+    Run(run::RunArgs),
+    /// Check a config file; prints a summary, or the error with its line and
+    /// column (exit 78).
+    CheckConfig(check_config::CheckArgs),
+}
+
+/// Parse the command line and run; returns the process exit code.
+pub fn main() -> i32 {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() { exit::USAGE } else { exit::OK };
+        }
+    };
+    let level = match (cli.quiet, cli.verbose) {
+        (true, _) => "error",
+        (false, 0) => "warn",
+        (false, 1) => "info",
+        _ => "debug",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("SLUICE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let region = sluice_client::region_path(cli.region.as_deref());
+    match cli.command {
+        Command::Stats(a) => stats::run(&region, &a),
+        Command::Run(a) => run::run(&region, a),
+        Command::CheckConfig(a) => check_config::run(&a),
+    }
+}
+
+/// Print an error the CLI way: `sluice: ...` on stderr.
+pub fn fail(code: i32, msg: impl std::fmt::Display) -> i32 {
+    eprintln!("sluice: {msg}");
+    code
+}

@@ -1,0 +1,214 @@
+//! `sluice stats [--json | --prometheus] [--watch SECS]`.
+
+use std::fmt::Write as _;
+use std::io::{IsTerminal, Write as _};
+use std::path::Path;
+use std::time::Duration;
+
+use clap::Args;
+
+use crate::exit;
+use crate::stats::Snapshot;
+
+/// Arguments of `stats`.
+#[derive(Args, Debug)]
+pub struct StatsArgs {
+    /// Print JSON: {"daemon": {...}, "classes": [...]} (one line per sample
+    /// with --watch).
+    #[arg(long, conflicts_with = "prometheus")]
+    pub json: bool,
+
+    /// Print Prometheus text exposition (metrics named sluice_*).
+    #[arg(long)]
+    pub prometheus: bool,
+
+    /// Print again every SECS seconds until interrupted.
+    #[arg(long, value_name = "SECS", value_parser = parse_secs)]
+    pub watch: Option<f64>,
+}
+
+fn parse_secs(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() && v >= 0.05 && v <= 86_400.0 => Ok(v),
+        _ => Err(format!("{s:?} is not a number of seconds between 0.05 and 86400")),
+    }
+}
+
+/// Run `stats`.
+pub fn run(region: &Path, args: &StatsArgs) -> i32 {
+    let mut warned = false;
+    loop {
+        let snap = match Snapshot::read(region) {
+            Ok(s) => s,
+            Err(e) => return crate::cli::fail(exit::UNAVAILABLE, e),
+        };
+        if !snap.daemon.running && !warned {
+            eprintln!(
+                "sluice: warning: sluiced is not running (last pid {}, heartbeat {} ago): admissions go on from the region, but dead clients are not reclaimed until it is back",
+                snap.daemon.pid,
+                age(snap.daemon.heartbeat_age_ms)
+            );
+            warned = args.watch.is_some();
+        }
+        let text = if args.json {
+            let j = if args.watch.is_some() {
+                serde_json::to_string(&snap)
+            } else {
+                serde_json::to_string_pretty(&snap)
+            };
+            match j {
+                Ok(s) => s + "\n",
+                Err(e) => return crate::cli::fail(exit::SOFTWARE, e),
+            }
+        } else if args.prometheus {
+            prometheus(&snap)
+        } else {
+            table(&snap, region)
+        };
+        let mut out = std::io::stdout().lock();
+        if args.watch.is_some() && !args.json && std::io::stdout().is_terminal() {
+            // Clear the screen and home the cursor between samples.
+            let _ = out.write_all(b"\x1b[2J\x1b[H");
+        }
+        if out.write_all(text.as_bytes()).and_then(|_| out.flush()).is_err() {
+            // Reader went away (a closed pipe): stop quietly.
+            return exit::OK;
+        }
+        match args.watch {
+            Some(secs) => std::thread::sleep(Duration::from_secs_f64(secs)),
+            None => return exit::OK,
+        }
+    }
+}
+
+fn age(ms: u64) -> String {
+    if ms >= 86_400_000 {
+        format!("{}d", ms / 86_400_000)
+    } else if ms >= 3_600_000 {
+        format!("{}h", ms / 3_600_000)
+    } else if ms >= 60_000 {
+        format!("{}m", ms / 60_000)
+    } else if ms >= 1_000 {
+        format!("{:.1}s", ms as f64 / 1000.0)
+    } else {
+        format!("{ms}ms")
+    }
+}
+
+/// The aligned table.
+pub fn table(s: &Snapshot, region: &Path) -> String {
+    let mut out = String::new();
+    let d = &s.daemon;
+    let state = match (d.running, d.draining) {
+        (true, true) => "running, draining",
+        (true, false) => "running",
+        (false, _) => "DOWN",
+    };
+    let _ = writeln!(
+        out,
+        "sluiced {state} (pid {}, heartbeat {} ago) region {}",
+        d.pid,
+        age(d.heartbeat_age_ms),
+        region.display()
+    );
+    let head = [
+        "CLASS", "IN FLIGHT", "ADMITTED", "DEGRADED", "FROM QUEUE", "QUEUED", "REFUSED", "EXPIRED",
+        "CANCELLED", "RECLAIMED", "TOKENS",
+    ];
+    let mut rows: Vec<Vec<String>> = vec![head.iter().map(|h| h.to_string()).collect()];
+    for c in &s.classes {
+        let refused: u64 = c.refused.values().sum();
+        rows.push(vec![
+            c.name.clone(),
+            match c.max_in_flight {
+                Some(m) => format!("{}/{}", c.in_flight, m),
+                None => format!("{}", c.in_flight),
+            },
+            c.admitted.to_string(),
+            c.degraded.to_string(),
+            c.granted_from_queue.to_string(),
+            c.queued.to_string(),
+            refused.to_string(),
+            c.expired.to_string(),
+            c.cancelled.to_string(),
+            c.reclaimed.to_string(),
+            match (c.tokens_available, c.burst) {
+                (Some(t), Some(b)) => format!("{t}/{b}"),
+                _ => "-".to_string(),
+            },
+        ]);
+    }
+    let widths: Vec<usize> =
+        (0..head.len()).map(|i| rows.iter().map(|r| r[i].len()).max().unwrap_or(0)).collect();
+    for r in &rows {
+        let mut line = String::new();
+        for (i, cell) in r.iter().enumerate() {
+            if i == 0 {
+                let _ = write!(line, "{cell:<w$}", w = widths[i]);
+            } else {
+                let _ = write!(line, "  {cell:>w$}", w = widths[i]);
+            }
+        }
+        let _ = writeln!(out, "{}", line.trim_end());
+    }
+    let mut reasons = Vec::new();
+    for c in &s.classes {
+        let parts: Vec<String> =
+            c.refused.iter().filter(|(_, &n)| n > 0).map(|(r, n)| format!("{r}={n}")).collect();
+        if !parts.is_empty() {
+            reasons.push(format!("  {}: {}", c.name, parts.join(" ")));
+        }
+    }
+    if !reasons.is_empty() {
+        let _ = writeln!(out, "refused by reason:");
+        for r in reasons {
+            let _ = writeln!(out, "{r}");
+        }
+    }
+    out
+}
+
+fn label(v: &str) -> String {
+    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}
+
+/// Prometheus text exposition.
+pub fn prometheus(s: &Snapshot) -> String {
+    let mut out = String::new();
+    let d = &s.daemon;
+    let _ = writeln!(out, "# HELP sluice_daemon_running 1 while sluiced holds the region lock.");
+    let _ = writeln!(out, "# TYPE sluice_daemon_running gauge");
+    let _ = writeln!(out, "sluice_daemon_running {}", u8::from(d.running));
+    let _ = writeln!(out, "# HELP sluice_daemon_heartbeat_age_seconds Time since the daemon's last heartbeat.");
+    let _ = writeln!(out, "# TYPE sluice_daemon_heartbeat_age_seconds gauge");
+    let _ = writeln!(out, "sluice_daemon_heartbeat_age_seconds {}", d.heartbeat_age_ms as f64 / 1000.0);
+    type Get = fn(&crate::stats::ClassStats) -> Option<u64>;
+    let series: [(&str, &str, &str, Get); 9] = [
+        ("in_flight", "gauge", "Slots held now.", |c| Some(c.in_flight)),
+        ("max_in_flight", "gauge", "Slot limit.", |c| c.max_in_flight),
+        ("queued", "gauge", "Tickets waiting now.", |c| Some(c.queued)),
+        ("admitted_total", "counter", "Grants.", |c| Some(c.admitted)),
+        ("degraded_total", "counter", "Grants marked degraded.", |c| Some(c.degraded)),
+        ("granted_from_queue_total", "counter", "Grants that had waited.", |c| Some(c.granted_from_queue)),
+        ("cancelled_total", "counter", "Tickets cancelled.", |c| Some(c.cancelled)),
+        ("expired_total", "counter", "Tickets expired.", |c| Some(c.expired)),
+        ("reclaimed_total", "counter", "Permits returned from dead holders.", |c| Some(c.reclaimed)),
+    ];
+    for (name, kind, help, get) in series {
+        let _ = writeln!(out, "# HELP sluice_{name} {help}");
+        let _ = writeln!(out, "# TYPE sluice_{name} {kind}");
+        for c in &s.classes {
+            if let Some(v) = get(c) {
+                let _ = writeln!(out, "sluice_{name}{{class=\"{}\"}} {v}", label(&c.name));
+            }
+        }
+    }
+    let _ = writeln!(out, "# HELP sluice_refused_total Refusals by reason.");
+    let _ = writeln!(out, "# TYPE sluice_refused_total counter");
+    for c in &s.classes {
+        for (reason, n) in &c.refused {
+            let _ = writeln!(out, "sluice_refused_total{{class=\"{}\",reason=\"{reason}\"}} {n}", label(&c.name));
+        }
+    }
+    out
+}

@@ -1,0 +1,209 @@
+//! `sluiced`'s life: set up the region, then a boring maintenance loop.
+//!
+//! Each turn of the loop (at most every 50 ms, at once when a watched
+//! process exits or a signal arrives): write the heartbeat, retire clients
+//! that died or detached, apply a pending reload or drain, ping the systemd
+//! watchdog. The control socket is served on its own thread. Nothing here is
+//! on the admission path: clients decide without the daemon.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering as StdOrdering};
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use sluice_client::clock::monotonic_ns;
+use sluice_shm_layout::layout::FLAG_DRAINING;
+use sluice_shm_layout::slots;
+use sluice_shm_layout::sync::Ordering;
+
+use crate::config::Config;
+use crate::reclaim::Watcher;
+use crate::region::{self, OwnedRegion};
+
+static TERMINATE: AtomicBool = AtomicBool::new(false);
+static RELOAD: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(sig: libc::c_int) {
+    // Only async-signal-safe work here: set a flag.
+    match sig {
+        libc::SIGHUP => RELOAD.store(true, StdOrdering::SeqCst),
+        _ => TERMINATE.store(true, StdOrdering::SeqCst),
+    }
+}
+
+fn install_signals() -> std::io::Result<()> {
+    use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
+    // No SA_RESTART: a signal interrupts the loop's poll so it acts at once.
+    let act = SigAction::new(SigHandler::Handler(on_signal), SaFlags::empty(), SigSet::empty());
+    for sig in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
+        // SAFETY: the handler only stores to atomics, which is
+        // async-signal-safe.
+        unsafe { sigaction(sig, &act) }.map_err(std::io::Error::from)?;
+    }
+    Ok(())
+}
+
+/// How the daemon was asked to run.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// The config file, if any (re-read on SIGHUP).
+    pub config_path: Option<PathBuf>,
+    /// The region path.
+    pub region_path: PathBuf,
+}
+
+/// Why the daemon stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    /// Region setup failed.
+    #[error(transparent)]
+    Region(#[from] region::RegionError),
+    /// The control socket could not be set up.
+    #[error("control socket {path}: {source}")]
+    Control {
+        /// Socket path.
+        path: PathBuf,
+        /// Error.
+        source: std::io::Error,
+    },
+    /// Signal handlers could not be installed.
+    #[error("installing signal handlers: {0}")]
+    Signals(std::io::Error),
+}
+
+fn notify(states: &[sd_notify::NotifyState<'_>]) {
+    // Errors mean no systemd is listening (or it went away): nothing to do.
+    let _ = sd_notify::notify(false, states);
+}
+
+/// Run the daemon until SIGTERM/SIGINT and the drain that follows.
+pub fn run(mut config: Config, opts: Options) -> Result<(), DaemonError> {
+    install_signals().map_err(DaemonError::Signals)?;
+    let owned = region::open_region(&opts.region_path, &config, monotonic_ns())?;
+    let region_path = owned.path().to_path_buf();
+    tracing::info!(
+        region = %region_path.display(),
+        created = owned.created,
+        generation = owned.region().header().generation.load(Ordering::Relaxed),
+        classes = config.classes.len(),
+        "region ready"
+    );
+
+    let socket = config.daemon.control_socket.clone().unwrap_or_else(|| crate::control::default_socket(&region_path));
+    let listener = crate::control::bind(&socket, config.region.mode)
+        .map_err(|source| DaemonError::Control { path: socket.clone(), source })?;
+    let pid = std::process::id();
+    std::thread::Builder::new()
+        .name("control".into())
+        .spawn(move || crate::control::serve(listener, move |req, _peer| answer(req, pid)))
+        .map_err(|source| DaemonError::Control { path: socket.clone(), source })?;
+    tracing::info!(socket = %socket.display(), "control socket listening");
+
+    let status = format!("serving {} classes on {}", config.classes.len(), region_path.display());
+    notify(&[sd_notify::NotifyState::Ready, sd_notify::NotifyState::Status(&status)]);
+    let mut watchdog_usec = 0u64;
+    let watchdog = sd_notify::watchdog_enabled(false, &mut watchdog_usec);
+    let mut last_ping = Instant::now();
+
+    let mut watcher = Watcher::default();
+    let mut drain_deadline: Option<Instant> = None;
+    loop {
+        let region = owned.region();
+        // Relaxed: advisory, read by stats.
+        region.header().heartbeat_ns.store(monotonic_ns(), Ordering::Relaxed);
+        for r in watcher.scan(region) {
+            log_retired(&r);
+        }
+
+        if RELOAD.swap(false, StdOrdering::SeqCst) {
+            config = reload(&owned, config, opts.config_path.as_deref());
+        }
+        if TERMINATE.load(StdOrdering::SeqCst) && drain_deadline.is_none() {
+            // Relaxed: clients read the flag advisorily (see client).
+            region.header().flags.fetch_or(FLAG_DRAINING, Ordering::Relaxed);
+            let held = held_slots(&owned);
+            tracing::info!(held, timeout = ?config.daemon.drain_timeout, "draining: refusing new work, waiting for held permits");
+            notify(&[sd_notify::NotifyState::Stopping, sd_notify::NotifyState::Status("draining")]);
+            drain_deadline = Some(Instant::now() + config.daemon.drain_timeout);
+        }
+        if let Some(deadline) = drain_deadline {
+            let held = held_slots(&owned);
+            if held == 0 || Instant::now() >= deadline {
+                if held > 0 {
+                    tracing::warn!(held, "drain timeout: exiting with permits still held; they stay valid in the region");
+                }
+                break;
+            }
+        }
+        if watchdog && last_ping.elapsed() >= Duration::from_micros(watchdog_usec / 2) {
+            notify(&[sd_notify::NotifyState::Watchdog]);
+            last_ping = Instant::now();
+        }
+        for r in watcher.wait(region, 50) {
+            log_retired(&r);
+        }
+    }
+    // The region outlives us and clients keep using it: never leave it
+    // refusing `shutting_down` while no daemon runs.
+    // Relaxed: advisory flag.
+    owned.region().header().flags.fetch_and(!FLAG_DRAINING, Ordering::Relaxed);
+    let _ = std::fs::remove_file(&socket);
+    tracing::info!(watching = watcher.watching(), "sluiced stopped");
+    Ok(())
+}
+
+fn answer(req: &serde_json::Value, pid: u32) -> serde_json::Value {
+    match req.get("cmd").and_then(|c| c.as_str()) {
+        Some("ping") => json!({"ok": true, "pid": pid}),
+        Some(other) => json!({"ok": false, "error": format!("unknown command {other:?}: this sluiced knows ping")}),
+        None => json!({"ok": false, "error": "request has no \"cmd\""}),
+    }
+}
+
+fn log_retired(r: &crate::reclaim::Retired) {
+    if r.died {
+        tracing::warn!(pid = r.pid, returned = r.slots, "client died; returned its permits");
+    } else if r.slots > 0 {
+        tracing::warn!(pid = r.pid, returned = r.slots, "client detached holding permits; returned them");
+    } else {
+        tracing::debug!(pid = r.pid, "client detached");
+    }
+}
+
+fn held_slots(owned: &OwnedRegion) -> u64 {
+    let region = owned.region();
+    (0..region.geometry().caps.classes)
+        .filter_map(|i| region.class(i))
+        .map(|c| {
+            // Relaxed: the daemon is the only writer of the range.
+            let base = c.slot_base.load(Ordering::Relaxed);
+            let len = c.slot_len.load(Ordering::Relaxed);
+            region.slots(base, len).map(slots::in_flight).unwrap_or(0)
+        })
+        .sum()
+}
+
+fn reload(owned: &OwnedRegion, old: Config, path: Option<&Path>) -> Config {
+    let Some(path) = path else {
+        tracing::info!("SIGHUP: running the embedded default config; nothing to reload");
+        return old;
+    };
+    let now_usec = monotonic_ns() / 1_000;
+    notify(&[sd_notify::NotifyState::Reloading, sd_notify::NotifyState::MonotonicUsec(now_usec as i128)]);
+    let result = Config::load(path).map_err(|e| e.to_string()).and_then(|new| {
+        region::apply_classes(owned.region(), &new, monotonic_ns()).map_err(|e| e.to_string())?;
+        Ok(new)
+    });
+    let config = match result {
+        Ok(new) => {
+            tracing::info!(config = %path.display(), classes = new.classes.len(), "config reloaded");
+            new
+        }
+        Err(e) => {
+            tracing::warn!(config = %path.display(), error = %e, "reload refused; the old config stays in force");
+            old
+        }
+    };
+    notify(&[sd_notify::NotifyState::Ready]);
+    config
+}

@@ -1,0 +1,468 @@
+//! Creating, locking and re-attaching the region file, and writing the
+//! config's classes into it.
+//!
+//! Creation is safe against a hostile path: the file is opened with
+//! `O_NOFOLLOW` (a symbolic link is refused), created with `O_EXCL`, and on
+//! re-attach its owner must be the daemon's user. One daemon per region: an
+//! open-file-description write lock on the whole file is held for the
+//! daemon's life (`sluice stats` tests that lock to say `running`).
+
+use std::fs::File;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::ptr::NonNull;
+
+use memmap2::MmapOptions;
+use sluice_client::RegionMap;
+use sluice_shm_layout::bucket::RateParams;
+use sluice_shm_layout::layout::{
+    self, Capacities, ClassRecord, Geometry, Region, CLASS_ACTIVE, CLASS_FREE, CLASS_REMOVED,
+    HEADER_SIZE,
+};
+use sluice_shm_layout::slots;
+use sluice_shm_layout::sync::Ordering;
+
+use crate::config::{ClassConfig, Config};
+
+/// Why the daemon could not set up its region.
+#[derive(Debug, thiserror::Error)]
+pub enum RegionError {
+    /// The path is a symbolic link.
+    #[error("region {path} is a symbolic link: sluiced does not follow links; remove it or choose another --region")]
+    Symlink {
+        /// The path.
+        path: PathBuf,
+    },
+    /// The path is not a regular file.
+    #[error("region {path} is not a regular file: remove it or choose another --region")]
+    NotAFile {
+        /// The path.
+        path: PathBuf,
+    },
+    /// Owned by someone else.
+    #[error("region {path} is owned by uid {owner}, not by this daemon's uid {me}: refusing to serve it; remove it or run sluiced as its owner")]
+    WrongOwner {
+        /// The path.
+        path: PathBuf,
+        /// The file's owner.
+        owner: u32,
+        /// Our euid.
+        me: u32,
+    },
+    /// Another daemon holds the lock.
+    #[error("region {path} is already served by another sluiced{pid}: stop it first, or choose another --region")]
+    Locked {
+        /// The path.
+        path: PathBuf,
+        /// ", pid N" when known.
+        pid: String,
+    },
+    /// An existing region this build cannot serve.
+    #[error("region {path} cannot be served by this sluiced: {source}; running clients may still use it, so it is left alone: stop them, remove the file, and start sluiced again")]
+    Incompatible {
+        /// The path.
+        path: PathBuf,
+        /// What is wrong.
+        source: layout::AttachError,
+    },
+    /// The config does not fit the region.
+    #[error("{0}")]
+    Config(String),
+    /// I/O.
+    #[error("region {path}: {op}: {source}")]
+    Io {
+        /// The path.
+        path: PathBuf,
+        /// What was being done.
+        op: &'static str,
+        /// The error.
+        source: io::Error,
+    },
+}
+
+fn io_err<'a>(path: &'a Path, op: &'static str) -> impl FnOnce(io::Error) -> RegionError + 'a {
+    move |source| RegionError::Io { path: path.to_path_buf(), op, source }
+}
+
+/// The daemon's region: the mapping plus the lock (held while this lives).
+pub struct OwnedRegion {
+    map: RegionMap,
+    /// True when this start created (or re-created) the layout.
+    pub created: bool,
+}
+
+impl OwnedRegion {
+    /// The typed view.
+    pub fn region(&self) -> &Region {
+        self.map.region()
+    }
+
+    /// The path.
+    pub fn path(&self) -> &Path {
+        self.map.path()
+    }
+
+    /// The mapped file.
+    pub fn map(&self) -> &RegionMap {
+        &self.map
+    }
+}
+
+/// Open the region file without following links, creating it exclusively if
+/// it does not exist.
+fn open_safely(path: &Path, mode: u32) -> Result<(File, bool), RegionError> {
+    for _ in 0..3 {
+        let existing = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(path);
+        match existing {
+            Ok(f) => return Ok((f, false)),
+            Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
+                return Err(RegionError::Symlink { path: path.to_path_buf() })
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_err(path, "open")(e)),
+        }
+        let created = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .mode(mode)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(path);
+        match created {
+            Ok(f) => return Ok((f, true)),
+            // Someone created it between our two opens: open it again.
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(io_err(path, "create")(e)),
+        }
+    }
+    Err(RegionError::Io {
+        path: path.to_path_buf(),
+        op: "open",
+        source: io::Error::other("the file kept appearing and vanishing"),
+    })
+}
+
+fn flock_struct(kind: libc::c_int) -> libc::flock {
+    // SAFETY: flock is a plain C struct for which all-zero is a valid value.
+    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+    fl.l_type = kind as libc::c_short;
+    fl.l_whence = libc::SEEK_SET as libc::c_short;
+    fl.l_start = 0;
+    fl.l_len = 0;
+    fl
+}
+
+/// Take the daemon lock (an OFD write lock on the whole file). False if
+/// another open file description holds it.
+fn try_lock(file: &File) -> io::Result<bool> {
+    let fl = flock_struct(libc::F_WRLCK);
+    // SAFETY: fcntl with F_OFD_SETLK reads a valid flock struct we own.
+    let rc = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_SETLK, &fl) };
+    if rc == 0 {
+        return Ok(true);
+    }
+    let e = io::Error::last_os_error();
+    match e.raw_os_error() {
+        Some(libc::EAGAIN) | Some(libc::EACCES) => Ok(false),
+        _ => Err(e),
+    }
+}
+
+/// True when some daemon holds the lock on `file`'s region. Takes no lock
+/// itself (F_OFD_GETLK), so it works from a read-only descriptor.
+pub fn lock_held(file: &File) -> io::Result<bool> {
+    let mut fl = flock_struct(libc::F_WRLCK);
+    // SAFETY: fcntl with F_OFD_GETLK writes into the flock struct we own.
+    let rc = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_GETLK, &mut fl) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(fl.l_type != libc::F_UNLCK as libc::c_short)
+}
+
+/// Capacities from the config.
+pub fn capacities(config: &Config) -> Capacities {
+    let c = &config.daemon.capacity;
+    Capacities { classes: c.classes, clients: c.clients, slots: c.slots, tickets: c.tickets }
+}
+
+/// Create the region at `path`, or re-attach the one there, lock it, and
+/// write the config's classes into it.
+pub fn open_region(path: &Path, config: &Config, now_ns: u64) -> Result<OwnedRegion, RegionError> {
+    let mode = config.region.mode;
+    let (file, fresh) = open_safely(path, mode)?;
+    let meta = file.metadata().map_err(io_err(path, "stat"))?;
+    if !meta.file_type().is_file() {
+        return Err(RegionError::NotAFile { path: path.to_path_buf() });
+    }
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let me = unsafe { libc::geteuid() };
+    if meta.uid() != me {
+        return Err(RegionError::WrongOwner { path: path.to_path_buf(), owner: meta.uid(), me });
+    }
+    if !try_lock(&file).map_err(io_err(path, "lock"))? {
+        let pid = read_daemon_pid(&file).map(|p| format!(", pid {p}")).unwrap_or_default();
+        return Err(RegionError::Locked { path: path.to_path_buf(), pid });
+    }
+    // Apply mode (the umask narrowed it at creation) and group.
+    file.set_permissions(std::fs::Permissions::from_mode(mode))
+        .map_err(io_err(path, "chmod"))?;
+    if let Some(group) = &config.region.group {
+        let gid = lookup_group(group).ok_or_else(|| {
+            RegionError::Config(format!(
+                "region.group {group:?} does not exist: create it (see packaging/sluice.sysusers) or remove the setting"
+            ))
+        })?;
+        std::os::unix::fs::fchown(&file, None, Some(gid)).map_err(io_err(path, "chown"))?;
+    }
+
+    let len = meta.len();
+    let published = !fresh && len >= HEADER_SIZE as u64 && header_version(&file) != Some(0);
+    let created;
+    let map = if published {
+        // An existing, published region: serve it only if it is ours.
+        let mut head = [0u8; HEADER_SIZE];
+        std::os::unix::fs::FileExt::read_exact_at(&file, &mut head, 0)
+            .map_err(io_err(path, "read header"))?;
+        layout::check_header_bytes(&head, len)
+            .map_err(|source| RegionError::Incompatible { path: path.to_path_buf(), source })?;
+        created = false;
+        RegionMap::open(path, true).map_err(|e| RegionError::Config(e.to_string()))?
+    } else {
+        // New, empty, or never published (its creator died before the end):
+        // nobody can be attached, so lay it out from scratch.
+        created = true;
+        let geo = Geometry::new(capacities(config)).map_err(|e| RegionError::Config(e.to_string()))?;
+        file.set_len(0).map_err(io_err(path, "truncate"))?;
+        file.set_len(geo.size).map_err(io_err(path, "grow"))?;
+        let size = usize::try_from(geo.size).map_err(|_| RegionError::Config("region too large".into()))?;
+        // SAFETY: a shared mapping of a file we just sized and lock; every
+        // access goes through atomics.
+        let mut mm = unsafe { MmapOptions::new().len(size).map_mut(&file) }
+            .map_err(io_err(path, "map"))?;
+        let base = NonNull::new(mm.as_mut_ptr()).ok_or_else(|| RegionError::Config("null map".into()))?;
+        let generation = fresh_generation(now_ns);
+        // SAFETY: the mapping is page aligned, `size` bytes, zero-filled by
+        // the truncate/grow above, owned by `mm` which the RegionMap keeps;
+        // we hold the lock so no other daemon initialises it.
+        let region = unsafe { Region::initialize(base, size, geo, generation, now_ns) };
+        let reopened = file.try_clone().map_err(io_err(path, "dup"))?;
+        RegionMap::from_parts(region, mm, reopened, path.to_path_buf())
+    };
+    let owned = OwnedRegion { map, created };
+    // The lock lives on `file`'s open file description; keep it open for
+    // the daemon's life by leaking the descriptor into the process.
+    std::mem::forget(file);
+    apply_classes(owned.region(), config, now_ns)?;
+    if created {
+        owned.region().publish();
+    }
+    let h = owned.region().header();
+    // Relaxed: advisory fields read by stats.
+    h.daemon_pid.store(std::process::id(), Ordering::Relaxed);
+    h.heartbeat_ns.store(now_ns, Ordering::Relaxed);
+    h.flags.store(0, Ordering::Relaxed);
+    Ok(owned)
+}
+
+fn header_version(file: &File) -> Option<u32> {
+    let mut b = [0u8; 12];
+    std::os::unix::fs::FileExt::read_exact_at(file, &mut b, 0).ok()?;
+    Some(u32::from_le_bytes([b[8], b[9], b[10], b[11]]))
+}
+
+fn read_daemon_pid(file: &File) -> Option<u32> {
+    let mut b = [0u8; 4];
+    std::os::unix::fs::FileExt::read_exact_at(file, &mut b, 128).ok()?;
+    let pid = u32::from_le_bytes(b);
+    (pid != 0).then_some(pid)
+}
+
+fn lookup_group(name: &str) -> Option<u32> {
+    nix::unistd::Group::from_name(name).ok().flatten().map(|g| g.gid.as_raw())
+}
+
+fn fresh_generation(now_ns: u64) -> u64 {
+    let pid = u64::from(std::process::id());
+    let wall = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    (wall ^ now_ns.rotate_left(17) ^ (pid << 40)) | 1
+}
+
+/// A class record's slot range.
+fn slot_range(rec: &ClassRecord) -> (u32, u32) {
+    // Relaxed: the daemon is the only writer of these fields.
+    (rec.slot_base.load(Ordering::Relaxed), rec.slot_len.load(Ordering::Relaxed))
+}
+
+/// Write the config's classes into the region: update classes that exist
+/// (limits change live, the bucket keeps its `tat`, held slots stay), add
+/// new ones in free records, and mark classes no longer configured removed.
+pub fn apply_classes(region: &Region, config: &Config, now_ns: u64) -> Result<(), RegionError> {
+    let _ = now_ns;
+    let cap = region.geometry().caps.classes;
+    // Validate everything first, so a bad reload changes nothing.
+    let mut plans = Vec::with_capacity(config.classes.len());
+    for class in &config.classes {
+        let rate = match class.rate {
+            Some(r) => Some(RateParams::new(r, class.burst, class.excess_burst).map_err(|e| {
+                RegionError::Config(format!("classes.{}: {e}", class.name))
+            })?),
+            None => None,
+        };
+        plans.push((class, rate, find_class(region, &class.name)));
+    }
+    let new_needed = plans.iter().filter(|p| p.2.is_none()).count();
+    let free = (0..cap)
+        .filter_map(|i| region.class(i))
+        .filter(|r| reusable(region, r))
+        .count();
+    if new_needed > free {
+        return Err(RegionError::Config(format!(
+            "config adds {new_needed} classes but the region has room for {free} more (capacity {cap}): raise daemon.capacity.classes and re-create the region"
+        )));
+    }
+    for (class, _, existing) in &plans {
+        let want = class.max_in_flight.unwrap_or(0) as u32;
+        if let Some(i) = existing {
+            let rec = region.class(*i).ok_or_else(|| RegionError::Config("class index".into()))?;
+            let (_, len) = slot_range(rec);
+            if want > len {
+                return Err(RegionError::Config(format!(
+                    "classes.{}.max_in_flight = {want} exceeds the {len} slots this region reserved for it: restart sluiced on a new region to raise it",
+                    class.name
+                )));
+            }
+        }
+    }
+
+    // Remove classes no longer configured.
+    for i in 0..cap {
+        let Some(rec) = region.class(i) else { break };
+        // Relaxed: the daemon is the only writer of `state`.
+        if rec.state.load(Ordering::Relaxed) != CLASS_ACTIVE {
+            continue;
+        }
+        let keep = rec.name().is_some_and(|n| config.classes.iter().any(|c| c.name == n));
+        if !keep {
+            // Release pairs with the clients' Acquire loads: handles see the
+            // new generation and look the class up again.
+            rec.generation.fetch_add(1, Ordering::Release);
+            rec.state.store(CLASS_REMOVED, Ordering::Release);
+        }
+    }
+
+    for (class, rate, existing) in plans {
+        match existing {
+            Some(i) => {
+                let rec = region.class(i).ok_or_else(|| RegionError::Config("class index".into()))?;
+                write_limits(rec, class, rate);
+            }
+            None => {
+                let want = class.max_in_flight.unwrap_or(0) as u32;
+                let base = allocate_slots(region, want).ok_or_else(|| {
+                    RegionError::Config(format!(
+                        "no room for {want} slots of class {} in the region's slot table ({} words): raise daemon.capacity.slots",
+                        class.name,
+                        region.geometry().caps.slots
+                    ))
+                })?;
+                let rec = (0..cap)
+                    .filter_map(|i| region.class(i))
+                    .find(|r| reusable(region, r))
+                    .ok_or_else(|| RegionError::Config("no free class record".into()))?;
+                // Relaxed: published by the Release store of `state` below.
+                rec.slot_base.store(base, Ordering::Relaxed);
+                rec.slot_len.store(want, Ordering::Relaxed);
+                rec.tat.value.store(0, Ordering::Relaxed);
+                rec.set_name(&class.name);
+                write_limits(rec, class, rate);
+                rec.generation.fetch_add(1, Ordering::Relaxed);
+                // Release pairs with the Acquire load of `state` in a client's
+                // lookup: name, limits and generation are visible with it.
+                rec.state.store(CLASS_ACTIVE, Ordering::Release);
+            }
+        }
+    }
+    Ok(())
+}
+
+fn write_limits(rec: &ClassRecord, class: &ClassConfig, rate: Option<RateParams>) {
+    let max = class.max_in_flight.unwrap_or(0) as u32;
+    let soft = class.soft_in_flight.map(|s| s as u32).unwrap_or(max);
+    let ceilings = class.lane_ceilings().unwrap_or([0; 4]);
+    // Relaxed: clients read these each request and clamp every value; a
+    // request racing a reload may see a mix, each combination safe.
+    rec.max_in_flight.store(max, Ordering::Relaxed);
+    rec.soft_in_flight.store(soft, Ordering::Relaxed);
+    for (dst, c) in rec.lane_ceiling.iter().zip(ceilings) {
+        dst.store(c as u32, Ordering::Relaxed);
+    }
+    rec.queue_depth.store(class.queue_depth, Ordering::Relaxed);
+    rec.max_cost.store(class.max_cost.unwrap_or(0), Ordering::Relaxed);
+    rec.max_wait_ns.store(class.max_wait.map(|d| d.as_nanos() as u64).unwrap_or(0), Ordering::Relaxed);
+    rec.age_after_ns.store(class.age_after.map(|d| d.as_nanos() as u64).unwrap_or(0), Ordering::Relaxed);
+    match rate {
+        Some(r) => {
+            rec.burst.store(r.burst, Ordering::Relaxed);
+            rec.excess.store(r.excess, Ordering::Relaxed);
+            rec.rate_t.store(r.t, Ordering::Relaxed);
+        }
+        None => rec.rate_t.store(0, Ordering::Relaxed),
+    }
+}
+
+/// The index of the active class named `name`.
+pub fn find_class(region: &Region, name: &str) -> Option<u32> {
+    (0..region.geometry().caps.classes).find(|&i| {
+        region.class(i).is_some_and(|r| {
+            // Relaxed: the daemon is the only writer of `state`.
+            r.state.load(Ordering::Relaxed) == CLASS_ACTIVE && r.name_is(name)
+        })
+    })
+}
+
+/// A record can take a new class when free, or removed with no slot held.
+fn reusable(region: &Region, rec: &ClassRecord) -> bool {
+    // Relaxed: the daemon is the only writer of `state`.
+    match rec.state.load(Ordering::Relaxed) {
+        CLASS_FREE => true,
+        CLASS_REMOVED => {
+            let (base, len) = slot_range(rec);
+            region.slots(base, len).is_none_or(|w| slots::in_flight(w) == 0)
+        }
+        _ => false,
+    }
+}
+
+/// First-fit a run of `want` slot words not used by any live or removed
+/// class that still holds slots.
+fn allocate_slots(region: &Region, want: u32) -> Option<u32> {
+    if want == 0 {
+        return Some(0);
+    }
+    let mut used: Vec<(u32, u32)> = (0..region.geometry().caps.classes)
+        .filter_map(|i| region.class(i))
+        .filter(|r| !reusable(region, r))
+        .map(slot_range)
+        .filter(|&(_, len)| len > 0)
+        .collect();
+    used.sort_unstable();
+    let mut start = 0u32;
+    for (base, len) in used {
+        if base.checked_sub(start)? >= want {
+            return Some(start);
+        }
+        start = start.max(base.checked_add(len)?);
+    }
+    let total = region.geometry().caps.slots;
+    (total.checked_sub(start)? >= want).then_some(start)
+}

@@ -1,0 +1,193 @@
+//! Reading a region for `sluice stats`: a snapshot of the daemon and every
+//! class, summed from the class totals and every live client's counters.
+//!
+//! Everything here is a read; it works from a read-only mapping.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use serde::Serialize;
+use sluice_client::clock::monotonic_ns;
+use sluice_client::{OpenError, RegionMap};
+use sluice_shm_layout::admit::ClassParams;
+use sluice_shm_layout::bucket::{ns_to_units, units_to_ns_ceil};
+use sluice_shm_layout::counters::{self, Reason};
+use sluice_shm_layout::layout::{Region, CLASS_ACTIVE, CLIENT_FREE, LANES};
+use sluice_shm_layout::registry::ClientState;
+use sluice_shm_layout::slots;
+use sluice_shm_layout::sync::Ordering;
+
+/// The daemon as the region shows it.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct DaemonInfo {
+    /// Last daemon pid written in the header (0: never).
+    pub pid: u32,
+    /// True while a daemon holds the region's lock.
+    pub running: bool,
+    /// Milliseconds since its last heartbeat.
+    pub heartbeat_age_ms: u64,
+    /// Region generation.
+    pub generation: u64,
+    /// True while draining.
+    pub draining: bool,
+}
+
+/// One class.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct ClassStats {
+    /// Name.
+    pub name: String,
+    /// Slots held now.
+    pub in_flight: u64,
+    /// Slot limit, null when the class has no slots.
+    pub max_in_flight: Option<u64>,
+    /// Degrade threshold, null without slots.
+    pub soft_in_flight: Option<u64>,
+    /// Per-lane ceilings, keyed by lane name (absent without slots).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lane_ceilings: Option<BTreeMap<String, u64>>,
+    /// Tokens per second, null without a rate.
+    pub rate: Option<f64>,
+    /// Bucket burst, null without a rate.
+    pub burst: Option<u64>,
+    /// Bucket excess burst, null without a rate.
+    pub excess_burst: Option<u64>,
+    /// Whole tokens available now at green, null without a rate.
+    pub tokens_available: Option<u64>,
+    /// Every grant.
+    pub admitted: u64,
+    /// Degraded grants.
+    pub degraded: u64,
+    /// Grants that had waited.
+    pub granted_from_queue: u64,
+    /// Tickets waiting now (a gauge).
+    pub queued: u64,
+    /// Tickets cancelled.
+    pub cancelled: u64,
+    /// Tickets expired.
+    pub expired: u64,
+    /// Permits returned from dead holders.
+    pub reclaimed: u64,
+    /// Refusals by reason (every reason present, 0 included).
+    pub refused: BTreeMap<String, u64>,
+}
+
+/// The whole snapshot: `sluice stats --json` prints exactly this.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Snapshot {
+    /// The daemon.
+    pub daemon: DaemonInfo,
+    /// Active classes, in region order.
+    pub classes: Vec<ClassStats>,
+}
+
+impl Snapshot {
+    /// Open `path` read-only and take a snapshot.
+    pub fn read(path: &Path) -> Result<Snapshot, OpenError> {
+        let map = RegionMap::open(path, false)?;
+        Ok(Self::of(&map))
+    }
+
+    /// Take a snapshot of a mapped region.
+    pub fn of(map: &RegionMap) -> Snapshot {
+        let region = map.region();
+        let h = region.header();
+        let now = monotonic_ns();
+        // Relaxed: advisory values for display.
+        let heartbeat = h.heartbeat_ns.load(Ordering::Relaxed);
+        let daemon = DaemonInfo {
+            pid: h.daemon_pid.load(Ordering::Relaxed),
+            running: crate::region::lock_held(map.file()).unwrap_or(false),
+            heartbeat_age_ms: now.saturating_sub(heartbeat) / 1_000_000,
+            generation: h.generation.load(Ordering::Relaxed),
+            draining: h.flags.load(Ordering::Relaxed) & sluice_shm_layout::layout::FLAG_DRAINING != 0,
+        };
+        let live = live_clients(region);
+        let mut classes = Vec::new();
+        for i in 0..region.geometry().caps.classes {
+            let Some(rec) = region.class(i) else { break };
+            // Acquire pairs with the daemon's Release store of `state` after
+            // it wrote the class.
+            if rec.state.load(Ordering::Acquire) != CLASS_ACTIVE {
+                continue;
+            }
+            let Some(name) = rec.name() else { continue };
+            let mut sums = [0u64; counters::COUNT];
+            for (k, c) in rec.totals.counts.iter().enumerate() {
+                // Relaxed: a snapshot of counters.
+                sums[k] = sums[k].wrapping_add(c.load(Ordering::Relaxed));
+            }
+            for &client in &live {
+                if let Some(block) = region.counters(client, i) {
+                    for (k, c) in block.counts.iter().enumerate() {
+                        // Relaxed: a snapshot of counters.
+                        sums[k] = sums[k].wrapping_add(c.load(Ordering::Relaxed));
+                    }
+                }
+            }
+            let p = ClassParams::load(rec);
+            // Relaxed: the slot range is fixed while the class exists.
+            let base = rec.slot_base.load(Ordering::Relaxed);
+            let len = rec.slot_len.load(Ordering::Relaxed);
+            let in_flight = region.slots(base, len).map(slots::in_flight).unwrap_or(0);
+            let has_slots = p.max_in_flight > 0;
+            let tokens_available = p.rate.map(|r| {
+                // Relaxed: a display snapshot of the bucket.
+                let tat = rec.tat.value.load(Ordering::Relaxed);
+                let t_now = ns_to_units(now.saturating_sub(region.epoch_ns()));
+                let debt = tat.saturating_sub(t_now);
+                let room = u128::from(r.burst) * u128::from(r.t);
+                (room.saturating_sub(u128::from(debt)) / u128::from(r.t.max(1))) as u64
+            });
+            let refused = Reason::ALL
+                .iter()
+                .map(|r| (r.as_str().to_string(), sums[r.counter()]))
+                .collect();
+            classes.push(ClassStats {
+                name,
+                in_flight,
+                max_in_flight: has_slots.then_some(u64::from(p.max_in_flight)),
+                soft_in_flight: has_slots.then_some(u64::from(p.soft_in_flight)),
+                lane_ceilings: has_slots.then(|| {
+                    LANES.iter().enumerate().map(|(l, n)| (n.to_string(), u64::from(p.ceiling(l)))).collect()
+                }),
+                rate: p.rate.map(|r| 1e9 * 64.0 / r.t as f64),
+                burst: p.rate.map(|r| r.burst),
+                excess_burst: p.rate.map(|r| r.excess),
+                tokens_available,
+                admitted: sums[counters::ADMITTED],
+                degraded: sums[counters::DEGRADED],
+                granted_from_queue: sums[counters::GRANTED_FROM_QUEUE],
+                queued: 0,
+                cancelled: sums[counters::CANCELLED],
+                expired: sums[counters::EXPIRED],
+                reclaimed: sums[counters::RECLAIMED],
+                refused,
+            });
+        }
+        Snapshot { daemon, classes }
+    }
+
+    /// The class named `name`.
+    pub fn class(&self, name: &str) -> Option<&ClassStats> {
+        self.classes.iter().find(|c| c.name == name)
+    }
+}
+
+/// Client records whose counters are not yet folded.
+fn live_clients(region: &Region) -> Vec<u32> {
+    (0..region.geometry().caps.clients)
+        .filter(|&i| {
+            region.client(i).is_some_and(|r| {
+                // Relaxed: a snapshot; a record folded during the read is at
+                // worst counted twice or missed once in this one snapshot.
+                ClientState::decode(r.state.load(Ordering::Relaxed)).state != CLIENT_FREE
+            })
+        })
+        .collect()
+}
+
+/// Nanoseconds from fixed-point units (re-exported for display code).
+pub fn units_ns(units: u64) -> u64 {
+    units_to_ns_ceil(units)
+}
