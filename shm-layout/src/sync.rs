@@ -4,12 +4,111 @@
 //! can run the very code that ships. Nothing else in the workspace may name
 //! `std::sync::atomic` integer types directly (see `clippy.toml`).
 
+#![allow(clippy::disallowed_types)]
+
+pub use std::sync::atomic::Ordering;
+
 #[cfg(not(loom))]
-#[allow(clippy::disallowed_types)]
-pub use std::sync::atomic::{fence, AtomicU32, AtomicU64, Ordering};
+pub use std::sync::atomic::fence;
 
 #[cfg(loom)]
-pub use loom::sync::atomic::{fence, AtomicU32, AtomicU64, Ordering};
+pub use loom::sync::atomic::fence;
+
+#[cfg(not(loom))]
+use std::sync::atomic as imp;
+
+#[cfg(loom)]
+use loom::sync::atomic as imp;
+
+macro_rules! atomic_int {
+    ($name:ident, $int:ty) => {
+        /// An atomic integer of the region: std's type (same size and
+        /// alignment as the integer, `repr(transparent)`), or loom's under
+        /// `cfg(loom)`. Only the operations the protocols use are exposed.
+        #[repr(transparent)]
+        pub struct $name(imp::$name);
+
+        impl $name {
+            /// A new atomic holding `v`.
+            pub fn new(v: $int) -> Self {
+                Self(imp::$name::new(v))
+            }
+            /// Atomic load.
+            #[inline(always)]
+            pub fn load(&self, order: Ordering) -> $int {
+                self.0.load(order)
+            }
+            /// Atomic store.
+            #[inline(always)]
+            pub fn store(&self, v: $int, order: Ordering) {
+                self.0.store(v, order)
+            }
+            /// Atomic swap.
+            #[inline(always)]
+            pub fn swap(&self, v: $int, order: Ordering) -> $int {
+                self.0.swap(v, order)
+            }
+            /// Strong compare-and-swap.
+            #[inline(always)]
+            pub fn compare_exchange(
+                &self,
+                current: $int,
+                new: $int,
+                success: Ordering,
+                failure: Ordering,
+            ) -> Result<$int, $int> {
+                self.0.compare_exchange(current, new, success, failure)
+            }
+            /// Weak compare-and-swap (may fail spuriously; use in loops).
+            #[inline(always)]
+            pub fn compare_exchange_weak(
+                &self,
+                current: $int,
+                new: $int,
+                success: Ordering,
+                failure: Ordering,
+            ) -> Result<$int, $int> {
+                self.0.compare_exchange_weak(current, new, success, failure)
+            }
+            /// Atomic add, wrapping.
+            #[inline(always)]
+            pub fn fetch_add(&self, v: $int, order: Ordering) -> $int {
+                self.0.fetch_add(v, order)
+            }
+            /// Atomic subtract, wrapping.
+            #[inline(always)]
+            pub fn fetch_sub(&self, v: $int, order: Ordering) -> $int {
+                self.0.fetch_sub(v, order)
+            }
+            /// Atomic bitwise or.
+            #[inline(always)]
+            pub fn fetch_or(&self, v: $int, order: Ordering) -> $int {
+                self.0.fetch_or(v, order)
+            }
+            /// Atomic bitwise and.
+            #[inline(always)]
+            pub fn fetch_and(&self, v: $int, order: Ordering) -> $int {
+                self.0.fetch_and(v, order)
+            }
+        }
+
+        impl std::fmt::Debug for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                // Relaxed: a debugging snapshot.
+                write!(f, "{}", self.load(Ordering::Relaxed))
+            }
+        }
+
+        impl Default for $name {
+            fn default() -> Self {
+                Self::new(0)
+            }
+        }
+    };
+}
+
+atomic_int!(AtomicU64, u64);
+atomic_int!(AtomicU32, u32);
 
 /// Back off inside a compare-and-swap retry loop.
 ///

@@ -29,8 +29,10 @@ pub struct StatsArgs {
 
 fn parse_secs(s: &str) -> Result<f64, String> {
     match s.parse::<f64>() {
-        Ok(v) if v.is_finite() && v >= 0.05 && v <= 86_400.0 => Ok(v),
-        _ => Err(format!("{s:?} is not a number of seconds between 0.05 and 86400")),
+        Ok(v) if (0.05..=86_400.0).contains(&v) => Ok(v),
+        _ => Err(format!(
+            "{s:?} is not a number of seconds between 0.05 and 86400"
+        )),
     }
 }
 
@@ -70,7 +72,11 @@ pub fn run(region: &Path, args: &StatsArgs) -> i32 {
             // Clear the screen and home the cursor between samples.
             let _ = out.write_all(b"\x1b[2J\x1b[H");
         }
-        if out.write_all(text.as_bytes()).and_then(|_| out.flush()).is_err() {
+        if out
+            .write_all(text.as_bytes())
+            .and_then(|_| out.flush())
+            .is_err()
+        {
             // Reader went away (a closed pipe): stop quietly.
             return exit::OK;
         }
@@ -112,8 +118,17 @@ pub fn table(s: &Snapshot, region: &Path) -> String {
         region.display()
     );
     let head = [
-        "CLASS", "IN FLIGHT", "ADMITTED", "DEGRADED", "FROM QUEUE", "QUEUED", "REFUSED", "EXPIRED",
-        "CANCELLED", "RECLAIMED", "TOKENS",
+        "CLASS",
+        "IN FLIGHT",
+        "ADMITTED",
+        "DEGRADED",
+        "FROM QUEUE",
+        "QUEUED",
+        "REFUSED",
+        "EXPIRED",
+        "CANCELLED",
+        "RECLAIMED",
+        "TOKENS",
     ];
     let mut rows: Vec<Vec<String>> = vec![head.iter().map(|h| h.to_string()).collect()];
     for c in &s.classes {
@@ -138,8 +153,9 @@ pub fn table(s: &Snapshot, region: &Path) -> String {
             },
         ]);
     }
-    let widths: Vec<usize> =
-        (0..head.len()).map(|i| rows.iter().map(|r| r[i].len()).max().unwrap_or(0)).collect();
+    let widths: Vec<usize> = (0..head.len())
+        .map(|i| rows.iter().map(|r| r[i].len()).max().unwrap_or(0))
+        .collect();
     for r in &rows {
         let mut line = String::new();
         for (i, cell) in r.iter().enumerate() {
@@ -153,8 +169,12 @@ pub fn table(s: &Snapshot, region: &Path) -> String {
     }
     let mut reasons = Vec::new();
     for c in &s.classes {
-        let parts: Vec<String> =
-            c.refused.iter().filter(|(_, &n)| n > 0).map(|(r, n)| format!("{r}={n}")).collect();
+        let parts: Vec<String> = c
+            .refused
+            .iter()
+            .filter(|(_, &n)| n > 0)
+            .map(|(r, n)| format!("{r}={n}"))
+            .collect();
         if !parts.is_empty() {
             reasons.push(format!("  {}: {}", c.name, parts.join(" ")));
         }
@@ -169,30 +189,65 @@ pub fn table(s: &Snapshot, region: &Path) -> String {
 }
 
 fn label(v: &str) -> String {
-    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
 }
 
 /// Prometheus text exposition.
 pub fn prometheus(s: &Snapshot) -> String {
     let mut out = String::new();
     let d = &s.daemon;
-    let _ = writeln!(out, "# HELP sluice_daemon_running 1 while sluiced holds the region lock.");
+    let _ = writeln!(
+        out,
+        "# HELP sluice_daemon_running 1 while sluiced holds the region lock."
+    );
     let _ = writeln!(out, "# TYPE sluice_daemon_running gauge");
     let _ = writeln!(out, "sluice_daemon_running {}", u8::from(d.running));
-    let _ = writeln!(out, "# HELP sluice_daemon_heartbeat_age_seconds Time since the daemon's last heartbeat.");
+    let _ = writeln!(
+        out,
+        "# HELP sluice_daemon_heartbeat_age_seconds Time since the daemon's last heartbeat."
+    );
     let _ = writeln!(out, "# TYPE sluice_daemon_heartbeat_age_seconds gauge");
-    let _ = writeln!(out, "sluice_daemon_heartbeat_age_seconds {}", d.heartbeat_age_ms as f64 / 1000.0);
+    let _ = writeln!(
+        out,
+        "sluice_daemon_heartbeat_age_seconds {}",
+        d.heartbeat_age_ms as f64 / 1000.0
+    );
     type Get = fn(&crate::stats::ClassStats) -> Option<u64>;
     let series: [(&str, &str, &str, Get); 9] = [
-        ("in_flight", "gauge", "Slots held now.", |c| Some(c.in_flight)),
+        ("in_flight", "gauge", "Slots held now.", |c| {
+            Some(c.in_flight)
+        }),
         ("max_in_flight", "gauge", "Slot limit.", |c| c.max_in_flight),
-        ("queued", "gauge", "Tickets waiting now.", |c| Some(c.queued)),
+        ("queued", "gauge", "Tickets waiting now.", |c| {
+            Some(c.queued)
+        }),
         ("admitted_total", "counter", "Grants.", |c| Some(c.admitted)),
-        ("degraded_total", "counter", "Grants marked degraded.", |c| Some(c.degraded)),
-        ("granted_from_queue_total", "counter", "Grants that had waited.", |c| Some(c.granted_from_queue)),
-        ("cancelled_total", "counter", "Tickets cancelled.", |c| Some(c.cancelled)),
-        ("expired_total", "counter", "Tickets expired.", |c| Some(c.expired)),
-        ("reclaimed_total", "counter", "Permits returned from dead holders.", |c| Some(c.reclaimed)),
+        (
+            "degraded_total",
+            "counter",
+            "Grants marked degraded.",
+            |c| Some(c.degraded),
+        ),
+        (
+            "granted_from_queue_total",
+            "counter",
+            "Grants that had waited.",
+            |c| Some(c.granted_from_queue),
+        ),
+        ("cancelled_total", "counter", "Tickets cancelled.", |c| {
+            Some(c.cancelled)
+        }),
+        ("expired_total", "counter", "Tickets expired.", |c| {
+            Some(c.expired)
+        }),
+        (
+            "reclaimed_total",
+            "counter",
+            "Permits returned from dead holders.",
+            |c| Some(c.reclaimed),
+        ),
     ];
     for (name, kind, help, get) in series {
         let _ = writeln!(out, "# HELP sluice_{name} {help}");
@@ -207,7 +262,11 @@ pub fn prometheus(s: &Snapshot) -> String {
     let _ = writeln!(out, "# TYPE sluice_refused_total counter");
     for c in &s.classes {
         for (reason, n) in &c.refused {
-            let _ = writeln!(out, "sluice_refused_total{{class=\"{}\",reason=\"{reason}\"}} {n}", label(&c.name));
+            let _ = writeln!(
+                out,
+                "sluice_refused_total{{class=\"{}\",reason=\"{reason}\"}} {n}",
+                label(&c.name)
+            );
         }
     }
     out
