@@ -66,7 +66,12 @@ pub enum Lane {
 
 impl Lane {
     /// Every lane, highest first.
-    pub const ALL: [Lane; 4] = [Lane::Critical, Lane::Interactive, Lane::Batch, Lane::Maintenance];
+    pub const ALL: [Lane; 4] = [
+        Lane::Critical,
+        Lane::Interactive,
+        Lane::Batch,
+        Lane::Maintenance,
+    ];
 
     /// The lane's index in the region (0 = critical).
     pub fn index(self) -> usize {
@@ -85,7 +90,9 @@ impl FromStr for Lane {
         Lane::ALL
             .into_iter()
             .find(|l| l.as_str() == s)
-            .ok_or_else(|| format!("unknown lane {s:?}: use critical, interactive, batch or maintenance"))
+            .ok_or_else(|| {
+                format!("unknown lane {s:?}: use critical, interactive, batch or maintenance")
+            })
     }
 }
 
@@ -108,7 +115,11 @@ pub struct Request {
 
 impl Default for Request {
     fn default() -> Self {
-        Self { cost: 1, lane: Lane::Interactive, attempt: 1 }
+        Self {
+            cost: 1,
+            lane: Lane::Interactive,
+            attempt: 1,
+        }
     }
 }
 
@@ -302,15 +313,25 @@ impl Client {
         let caps = region.geometry().caps;
         let records = (0..caps.clients).filter_map(|i| region.client(i).map(|r| (i, &r.state)));
         let Some((index, generation)) = registry::claim(records, pid) else {
-            return Err(AttachError::RegistryFull { path, capacity: caps.clients });
+            return Err(AttachError::RegistryFull {
+                path,
+                capacity: caps.clients,
+            });
         };
-        let rec = region.client(index).ok_or(AttachError::Revoked { path: path.clone() })?;
+        let rec = region
+            .client(index)
+            .ok_or(AttachError::Revoked { path: path.clone() })?;
         if !registry::activate(rec, generation, pid, start) {
             return Err(AttachError::Revoked { path });
         }
         let epoch_ns = region.epoch_ns();
         Ok(Client {
-            attached: Some(Attached { map, owner: Owner { index, generation }, pid, epoch_ns }),
+            attached: Some(Attached {
+                map,
+                owner: Owner { index, generation },
+                pid,
+                epoch_ns,
+            }),
             path,
             let_through: AtomicU64::new(0),
         })
@@ -325,7 +346,11 @@ impl Client {
             Ok(c) => c,
             Err(e) => {
                 tracing::warn!(region = %path.display(), error = %e, "sluice: failing open: every request will be admitted until re-attached");
-                Client { attached: None, path, let_through: AtomicU64::new(0) }
+                Client {
+                    attached: None,
+                    path,
+                    let_through: AtomicU64::new(0),
+                }
             }
         }
     }
@@ -359,7 +384,12 @@ impl Client {
     /// Look a class up by name. Do this once and keep the handle.
     pub fn class(&self, name: &str) -> Result<ClassHandle<'_>, LookupError> {
         let Some(a) = &self.attached else {
-            return Ok(ClassHandle { client: self, index: u32::MAX, generation: 0, name: name.to_string() });
+            return Ok(ClassHandle {
+                client: self,
+                index: u32::MAX,
+                generation: 0,
+                name: name.to_string(),
+            });
         };
         let region = a.map.region();
         let mut known = Vec::new();
@@ -373,14 +403,27 @@ impl Client {
             // Relaxed: ordered after the Acquire load above.
             let generation = rec.generation.load(Ordering::Relaxed);
             if rec.name_is(name) {
-                return Ok(ClassHandle { client: self, index: i, generation, name: name.to_string() });
+                return Ok(ClassHandle {
+                    client: self,
+                    index: i,
+                    generation,
+                    name: name.to_string(),
+                });
             }
             if let Some(n) = rec.name() {
                 known.push(n);
             }
         }
-        let known = if known.is_empty() { "(none)".to_string() } else { known.join(", ") };
-        Err(LookupError::UnknownClass { name: name.to_string(), path: self.path.clone(), known })
+        let known = if known.is_empty() {
+            "(none)".to_string()
+        } else {
+            known.join(", ")
+        };
+        Err(LookupError::UnknownClass {
+            name: name.to_string(),
+            path: self.path.clone(),
+            known,
+        })
     }
 }
 
@@ -423,14 +466,20 @@ impl<'c> ClassHandle<'c> {
     }
 
     fn record(&self, a: &'c Attached) -> Result<&'c ClassRecord, AcquireError> {
-        let rec = a.map.region().class(self.index).ok_or_else(|| AcquireError::ClassGone {
-            name: self.name.clone(),
-        })?;
+        let rec = a
+            .map
+            .region()
+            .class(self.index)
+            .ok_or_else(|| AcquireError::ClassGone {
+                name: self.name.clone(),
+            })?;
         // Acquire pairs with the daemon's Release store of the generation
         // after a reload rewrote the config: the limits we read next are at
         // least that new.
         if rec.generation.load(Ordering::Acquire) != self.generation {
-            return Err(AcquireError::ClassGone { name: self.name.clone() });
+            return Err(AcquireError::ClassGone {
+                name: self.name.clone(),
+            });
         }
         Ok(rec)
     }
@@ -464,7 +513,11 @@ impl<'c> ClassHandle<'c> {
         let params = ClassParams::load(rec);
         // Relaxed: slot_base/len are fixed while the generation is.
         let base = rec.slot_base.load(Ordering::Relaxed);
-        let len = if params.max_in_flight > 0 { rec.slot_len.load(Ordering::Relaxed) } else { 0 };
+        let len = if params.max_in_flight > 0 {
+            rec.slot_len.load(Ordering::Relaxed)
+        } else {
+            0
+        };
         let words: &[AtomicU64] = region.slots(base, len).ok_or(AcquireError::Corrupt {
             name: self.name.clone(),
             what: "slot range outside the slot table",
@@ -475,9 +528,16 @@ impl<'c> ClassHandle<'c> {
             0
         };
         let fits_inline = req.cost <= INLINE_SLOTS as u64;
-        let seq = if fits_inline { POSITIONAL_SEQ } else { unique_seq(region, a) };
+        let seq = if fits_inline {
+            POSITIONAL_SEQ
+        } else {
+            unique_seq(region, a)
+        };
         let tag = a.owner.tag(seq);
-        let ask = Ask { cost: req.cost, lane: req.lane.index() };
+        let ask = Ask {
+            cost: req.cost,
+            lane: req.lane.index(),
+        };
         match admit::decide(&params, &rec.tat.value, words, ask, now, tag) {
             Admission::Admitted { slots, degraded } => {
                 if let Some(c) = counts {
@@ -496,9 +556,16 @@ impl<'c> ClassHandle<'c> {
                     released: false,
                 }))
             }
-            Admission::Refused { reason, retry_after_ns, largest } => {
-                Ok(self.refuse(counts, reason, retry_after_ns.map(Duration::from_nanos), largest))
-            }
+            Admission::Refused {
+                reason,
+                retry_after_ns,
+                largest,
+            } => Ok(self.refuse(
+                counts,
+                reason,
+                retry_after_ns.map(Duration::from_nanos),
+                largest,
+            )),
         }
     }
 
@@ -512,13 +579,19 @@ impl<'c> ClassHandle<'c> {
         if let Some(c) = counts {
             counters::bump(&c.counts[reason.counter()], 1);
         }
-        Decision::Refused(Refusal { reason, retry_after, largest_cost })
+        Decision::Refused(Refusal {
+            reason,
+            retry_after,
+            largest_cost,
+        })
     }
 }
 
 /// A unique permit number for permits that must find their slots by tag.
 fn unique_seq(region: &sluice_shm_layout::layout::Region, a: &Attached) -> u32 {
-    let Some(rec) = region.client(a.owner.index) else { return POSITIONAL_SEQ + 1 };
+    let Some(rec) = region.client(a.owner.index) else {
+        return POSITIONAL_SEQ + 1;
+    };
     loop {
         // Relaxed: only uniqueness matters, which the RMW gives.
         let v = rec.permit_seq.fetch_add(1, Ordering::Relaxed) as u32;

@@ -94,7 +94,11 @@ pub struct RegionMap {
 impl RegionMap {
     /// Open and map the region at `path`, read-only or read-write.
     pub fn open(path: &Path, writable: bool) -> Result<Self, OpenError> {
-        let access = if writable { "reading and writing" } else { "reading" };
+        let access = if writable {
+            "reading and writing"
+        } else {
+            "reading"
+        };
         let file = std::fs::OpenOptions::new()
             .read(true)
             .write(writable)
@@ -112,11 +116,14 @@ impl RegionMap {
         };
         let mut head = [0u8; HEADER_SIZE];
         if len >= HEADER_SIZE as u64 {
-            file.read_exact_at(&mut head, 0).map_err(io("read header"))?;
+            file.read_exact_at(&mut head, 0)
+                .map_err(io("read header"))?;
         }
         layout::check_header_bytes(&head, len).map_err(layout_err)?;
         let size = usize::try_from(len).map_err(|_| {
-            layout_err(layout::AttachError::Corrupt(format!("size {len} does not fit memory")))
+            layout_err(layout::AttachError::Corrupt(format!(
+                "size {len} does not fit memory"
+            )))
         })?;
         let mut opts = MmapOptions::new();
         opts.len(size);
@@ -141,12 +148,22 @@ impl RegionMap {
         // SAFETY: `base` is a page-aligned mapping of `size` bytes owned by
         // `mapping`, which lives in the returned value beside the view.
         let region = unsafe { Region::attach(base, size) }.map_err(layout_err)?;
-        Ok(Self { region, _mapping: mapping, file, path: path.to_path_buf() })
+        Ok(Self {
+            region,
+            _mapping: mapping,
+            file,
+            path: path.to_path_buf(),
+        })
     }
 
     /// Wrap a mapping the daemon has just created and initialised.
     pub fn from_parts(region: Region, map: MmapMut, file: File, path: PathBuf) -> Self {
-        Self { region, _mapping: Mapping::Rw(map), file, path }
+        Self {
+            region,
+            _mapping: Mapping::Rw(map),
+            file,
+            path,
+        }
     }
 
     /// The typed view.
@@ -167,10 +184,17 @@ impl RegionMap {
 
 fn open_error(path: &Path, access: &'static str, e: io::Error) -> OpenError {
     match e.kind() {
-        io::ErrorKind::NotFound => OpenError::Missing { path: path.to_path_buf() },
-        io::ErrorKind::PermissionDenied => {
-            OpenError::PermissionDenied { path: path.to_path_buf(), access }
-        }
-        _ => OpenError::Io { path: path.to_path_buf(), op: "open", source: e },
+        io::ErrorKind::NotFound => OpenError::Missing {
+            path: path.to_path_buf(),
+        },
+        io::ErrorKind::PermissionDenied => OpenError::PermissionDenied {
+            path: path.to_path_buf(),
+            access,
+        },
+        _ => OpenError::Io {
+            path: path.to_path_buf(),
+            op: "open",
+            source: e,
+        },
     }
 }

@@ -72,15 +72,24 @@ pub struct Peer {
 
 fn peer_of(stream: &UnixStream) -> Peer {
     match getsockopt(stream, PeerCredentials) {
-        Ok(c) => Peer { pid: c.pid(), uid: c.uid(), gid: c.gid() },
-        Err(_) => Peer { pid: -1, uid: u32::MAX, gid: u32::MAX },
+        Ok(c) => Peer {
+            pid: c.pid(),
+            uid: c.uid(),
+            gid: c.gid(),
+        },
+        Err(_) => Peer {
+            pid: -1,
+            uid: u32::MAX,
+            gid: u32::MAX,
+        },
     }
 }
 
 fn read_request(stream: &UnixStream) -> Result<Value, String> {
     let mut line = String::new();
     let mut r = BufReader::new(stream).take(64 * 1024);
-    r.read_line(&mut line).map_err(|e| format!("reading request: {e}"))?;
+    r.read_line(&mut line)
+        .map_err(|e| format!("reading request: {e}"))?;
     serde_json::from_str(&line).map_err(|e| format!("request is not JSON: {e}"))
 }
 

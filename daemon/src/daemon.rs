@@ -34,7 +34,11 @@ extern "C" fn on_signal(sig: libc::c_int) {
 fn install_signals() -> std::io::Result<()> {
     use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
     // No SA_RESTART: a signal interrupts the loop's poll so it acts at once.
-    let act = SigAction::new(SigHandler::Handler(on_signal), SaFlags::empty(), SigSet::empty());
+    let act = SigAction::new(
+        SigHandler::Handler(on_signal),
+        SaFlags::empty(),
+        SigSet::empty(),
+    );
     for sig in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
         // SAFETY: the handler only stores to atomics, which is
         // async-signal-safe.
@@ -89,18 +93,36 @@ pub fn run(mut config: Config, opts: Options) -> Result<(), DaemonError> {
         "region ready"
     );
 
-    let socket = config.daemon.control_socket.clone().unwrap_or_else(|| crate::control::default_socket(&region_path));
-    let listener = crate::control::bind(&socket, config.region.mode)
-        .map_err(|source| DaemonError::Control { path: socket.clone(), source })?;
+    let socket = config
+        .daemon
+        .control_socket
+        .clone()
+        .unwrap_or_else(|| crate::control::default_socket(&region_path));
+    let listener = crate::control::bind(&socket, config.region.mode).map_err(|source| {
+        DaemonError::Control {
+            path: socket.clone(),
+            source,
+        }
+    })?;
     let pid = std::process::id();
     std::thread::Builder::new()
         .name("control".into())
         .spawn(move || crate::control::serve(listener, move |req, _peer| answer(req, pid)))
-        .map_err(|source| DaemonError::Control { path: socket.clone(), source })?;
+        .map_err(|source| DaemonError::Control {
+            path: socket.clone(),
+            source,
+        })?;
     tracing::info!(socket = %socket.display(), "control socket listening");
 
-    let status = format!("serving {} classes on {}", config.classes.len(), region_path.display());
-    notify(&[sd_notify::NotifyState::Ready, sd_notify::NotifyState::Status(&status)]);
+    let status = format!(
+        "serving {} classes on {}",
+        config.classes.len(),
+        region_path.display()
+    );
+    notify(&[
+        sd_notify::NotifyState::Ready,
+        sd_notify::NotifyState::Status(&status),
+    ]);
     let mut watchdog_usec = 0u64;
     let watchdog = sd_notify::watchdog_enabled(false, &mut watchdog_usec);
     let mut last_ping = Instant::now();
@@ -110,7 +132,10 @@ pub fn run(mut config: Config, opts: Options) -> Result<(), DaemonError> {
     loop {
         let region = owned.region();
         // Relaxed: advisory, read by stats.
-        region.header().heartbeat_ns.store(monotonic_ns(), Ordering::Relaxed);
+        region
+            .header()
+            .heartbeat_ns
+            .store(monotonic_ns(), Ordering::Relaxed);
         for r in watcher.scan(region) {
             log_retired(&r);
         }
@@ -120,10 +145,16 @@ pub fn run(mut config: Config, opts: Options) -> Result<(), DaemonError> {
         }
         if TERMINATE.load(StdOrdering::SeqCst) && drain_deadline.is_none() {
             // Relaxed: clients read the flag advisorily (see client).
-            region.header().flags.fetch_or(FLAG_DRAINING, Ordering::Relaxed);
+            region
+                .header()
+                .flags
+                .fetch_or(FLAG_DRAINING, Ordering::Relaxed);
             let held = held_slots(&owned);
             tracing::info!(held, timeout = ?config.daemon.drain_timeout, "draining: refusing new work, waiting for held permits");
-            notify(&[sd_notify::NotifyState::Stopping, sd_notify::NotifyState::Status("draining")]);
+            notify(&[
+                sd_notify::NotifyState::Stopping,
+                sd_notify::NotifyState::Status("draining"),
+            ]);
             drain_deadline = Some(Instant::now() + config.daemon.drain_timeout);
         }
         if let Some(deadline) = drain_deadline {
@@ -146,7 +177,11 @@ pub fn run(mut config: Config, opts: Options) -> Result<(), DaemonError> {
     // The region outlives us and clients keep using it: never leave it
     // refusing `shutting_down` while no daemon runs.
     // Relaxed: advisory flag.
-    owned.region().header().flags.fetch_and(!FLAG_DRAINING, Ordering::Relaxed);
+    owned
+        .region()
+        .header()
+        .flags
+        .fetch_and(!FLAG_DRAINING, Ordering::Relaxed);
     let _ = std::fs::remove_file(&socket);
     tracing::info!(watching = watcher.watching(), "sluiced stopped");
     Ok(())
@@ -155,16 +190,26 @@ pub fn run(mut config: Config, opts: Options) -> Result<(), DaemonError> {
 fn answer(req: &serde_json::Value, pid: u32) -> serde_json::Value {
     match req.get("cmd").and_then(|c| c.as_str()) {
         Some("ping") => json!({"ok": true, "pid": pid}),
-        Some(other) => json!({"ok": false, "error": format!("unknown command {other:?}: this sluiced knows ping")}),
+        Some(other) => {
+            json!({"ok": false, "error": format!("unknown command {other:?}: this sluiced knows ping")})
+        }
         None => json!({"ok": false, "error": "request has no \"cmd\""}),
     }
 }
 
 fn log_retired(r: &crate::reclaim::Retired) {
     if r.died {
-        tracing::warn!(pid = r.pid, returned = r.slots, "client died; returned its permits");
+        tracing::warn!(
+            pid = r.pid,
+            returned = r.slots,
+            "client died; returned its permits"
+        );
     } else if r.slots > 0 {
-        tracing::warn!(pid = r.pid, returned = r.slots, "client detached holding permits; returned them");
+        tracing::warn!(
+            pid = r.pid,
+            returned = r.slots,
+            "client detached holding permits; returned them"
+        );
     } else {
         tracing::debug!(pid = r.pid, "client detached");
     }
@@ -189,11 +234,17 @@ fn reload(owned: &OwnedRegion, old: Config, path: Option<&Path>) -> Config {
         return old;
     };
     let now_usec = monotonic_ns() / 1_000;
-    notify(&[sd_notify::NotifyState::Reloading, sd_notify::NotifyState::MonotonicUsec(now_usec as i128)]);
-    let result = Config::load(path).map_err(|e| e.to_string()).and_then(|new| {
-        region::apply_classes(owned.region(), &new, monotonic_ns()).map_err(|e| e.to_string())?;
-        Ok(new)
-    });
+    notify(&[
+        sd_notify::NotifyState::Reloading,
+        sd_notify::NotifyState::MonotonicUsec(now_usec as i128),
+    ]);
+    let result = Config::load(path)
+        .map_err(|e| e.to_string())
+        .and_then(|new| {
+            region::apply_classes(owned.region(), &new, monotonic_ns())
+                .map_err(|e| e.to_string())?;
+            Ok(new)
+        });
     let config = match result {
         Ok(new) => {
             tracing::info!(config = %path.display(), classes = new.classes.len(), "config reloaded");

@@ -87,7 +87,11 @@ impl Watcher {
                         Some(pidfd) => {
                             self.watched.insert(
                                 idx,
-                                Watched { generation: st.generation, pid: st.pid, pidfd },
+                                Watched {
+                                    generation: st.generation,
+                                    pid: st.pid,
+                                    pidfd,
+                                },
                             );
                         }
                         None => retired.extend(retire(region, idx, word, true)),
@@ -114,7 +118,11 @@ impl Watcher {
         let mut fds: Vec<libc::pollfd> = Vec::with_capacity(self.watched.len());
         let mut keys = Vec::with_capacity(self.watched.len());
         for (&idx, w) in &self.watched {
-            fds.push(libc::pollfd { fd: w.pidfd.as_raw_fd(), events: libc::POLLIN, revents: 0 });
+            fds.push(libc::pollfd {
+                fd: w.pidfd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            });
             keys.push(idx);
         }
         // SAFETY: `fds` is a valid array of `fds.len()` pollfd structs that
@@ -128,8 +136,12 @@ impl Watcher {
             if pfd.revents == 0 {
                 continue;
             }
-            let Some(w) = self.watched.remove(&idx) else { continue };
-            let Some(rec) = region.client(idx) else { continue };
+            let Some(w) = self.watched.remove(&idx) else {
+                continue;
+            };
+            let Some(rec) = region.client(idx) else {
+                continue;
+            };
             // Acquire: as in `scan`.
             let word = rec.state.load(Ordering::Acquire);
             let st = ClientState::decode(word);
@@ -158,12 +170,21 @@ pub fn retire(region: &Region, idx: u32, word: u64, died: bool) -> Option<Retire
             // It changed under us (detached cleanly, say): next scan.
             return None;
         }
-        word = ClientState { state: CLIENT_DEAD, ..st }.encode();
+        word = ClientState {
+            state: CLIENT_DEAD,
+            ..st
+        }
+        .encode();
     }
-    let owner = Owner { index: idx, generation: st.generation };
+    let owner = Owner {
+        index: idx,
+        generation: st.generation,
+    };
     let mut total = 0;
     for class_idx in 0..region.geometry().caps.classes {
-        let Some(class) = region.class(class_idx) else { break };
+        let Some(class) = region.class(class_idx) else {
+            break;
+        };
         // Relaxed: the daemon is the only writer of `state` and the range.
         if class.state.load(Ordering::Relaxed) == CLASS_FREE {
             continue;
@@ -183,5 +204,9 @@ pub fn retire(region: &Region, idx: u32, word: u64, died: bool) -> Option<Retire
         }
     }
     registry::free(&rec.state, word);
-    Some(Retired { pid: st.pid, slots: total, died })
+    Some(Retired {
+        pid: st.pid,
+        slots: total,
+        died,
+    })
 }

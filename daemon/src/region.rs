@@ -83,7 +83,11 @@ pub enum RegionError {
 }
 
 fn io_err<'a>(path: &'a Path, op: &'static str) -> impl FnOnce(io::Error) -> RegionError + 'a {
-    move |source| RegionError::Io { path: path.to_path_buf(), op, source }
+    move |source| RegionError::Io {
+        path: path.to_path_buf(),
+        op,
+        source,
+    }
 }
 
 /// The daemon's region: the mapping plus the lock (held while this lives).
@@ -122,7 +126,9 @@ fn open_safely(path: &Path, mode: u32) -> Result<(File, bool), RegionError> {
         match existing {
             Ok(f) => return Ok((f, false)),
             Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
-                return Err(RegionError::Symlink { path: path.to_path_buf() })
+                return Err(RegionError::Symlink {
+                    path: path.to_path_buf(),
+                })
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => return Err(io_err(path, "open")(e)),
@@ -189,7 +195,12 @@ pub fn lock_held(file: &File) -> io::Result<bool> {
 /// Capacities from the config.
 pub fn capacities(config: &Config) -> Capacities {
     let c = &config.daemon.capacity;
-    Capacities { classes: c.classes, clients: c.clients, slots: c.slots, tickets: c.tickets }
+    Capacities {
+        classes: c.classes,
+        clients: c.clients,
+        slots: c.slots,
+        tickets: c.tickets,
+    }
 }
 
 /// Create the region at `path`, or re-attach the one there, lock it, and
@@ -199,16 +210,27 @@ pub fn open_region(path: &Path, config: &Config, now_ns: u64) -> Result<OwnedReg
     let (file, fresh) = open_safely(path, mode)?;
     let meta = file.metadata().map_err(io_err(path, "stat"))?;
     if !meta.file_type().is_file() {
-        return Err(RegionError::NotAFile { path: path.to_path_buf() });
+        return Err(RegionError::NotAFile {
+            path: path.to_path_buf(),
+        });
     }
     // SAFETY: geteuid has no preconditions and cannot fail.
     let me = unsafe { libc::geteuid() };
     if meta.uid() != me {
-        return Err(RegionError::WrongOwner { path: path.to_path_buf(), owner: meta.uid(), me });
+        return Err(RegionError::WrongOwner {
+            path: path.to_path_buf(),
+            owner: meta.uid(),
+            me,
+        });
     }
     if !try_lock(&file).map_err(io_err(path, "lock"))? {
-        let pid = read_daemon_pid(&file).map(|p| format!(", pid {p}")).unwrap_or_default();
-        return Err(RegionError::Locked { path: path.to_path_buf(), pid });
+        let pid = read_daemon_pid(&file)
+            .map(|p| format!(", pid {p}"))
+            .unwrap_or_default();
+        return Err(RegionError::Locked {
+            path: path.to_path_buf(),
+            pid,
+        });
     }
     // Apply mode (the umask narrowed it at creation) and group.
     file.set_permissions(std::fs::Permissions::from_mode(mode))
@@ -230,23 +252,28 @@ pub fn open_region(path: &Path, config: &Config, now_ns: u64) -> Result<OwnedReg
         let mut head = [0u8; HEADER_SIZE];
         std::os::unix::fs::FileExt::read_exact_at(&file, &mut head, 0)
             .map_err(io_err(path, "read header"))?;
-        layout::check_header_bytes(&head, len)
-            .map_err(|source| RegionError::Incompatible { path: path.to_path_buf(), source })?;
+        layout::check_header_bytes(&head, len).map_err(|source| RegionError::Incompatible {
+            path: path.to_path_buf(),
+            source,
+        })?;
         created = false;
         RegionMap::open(path, true).map_err(|e| RegionError::Config(e.to_string()))?
     } else {
         // New, empty, or never published (its creator died before the end):
         // nobody can be attached, so lay it out from scratch.
         created = true;
-        let geo = Geometry::new(capacities(config)).map_err(|e| RegionError::Config(e.to_string()))?;
+        let geo =
+            Geometry::new(capacities(config)).map_err(|e| RegionError::Config(e.to_string()))?;
         file.set_len(0).map_err(io_err(path, "truncate"))?;
         file.set_len(geo.size).map_err(io_err(path, "grow"))?;
-        let size = usize::try_from(geo.size).map_err(|_| RegionError::Config("region too large".into()))?;
+        let size = usize::try_from(geo.size)
+            .map_err(|_| RegionError::Config("region too large".into()))?;
         // SAFETY: a shared mapping of a file we just sized and lock; every
         // access goes through atomics.
-        let mut mm = unsafe { MmapOptions::new().len(size).map_mut(&file) }
-            .map_err(io_err(path, "map"))?;
-        let base = NonNull::new(mm.as_mut_ptr()).ok_or_else(|| RegionError::Config("null map".into()))?;
+        let mut mm =
+            unsafe { MmapOptions::new().len(size).map_mut(&file) }.map_err(io_err(path, "map"))?;
+        let base =
+            NonNull::new(mm.as_mut_ptr()).ok_or_else(|| RegionError::Config("null map".into()))?;
         let generation = fresh_generation(now_ns);
         // SAFETY: the mapping is page aligned, `size` bytes, zero-filled by
         // the truncate/grow above, owned by `mm` which the RegionMap keeps;
@@ -285,7 +312,10 @@ fn read_daemon_pid(file: &File) -> Option<u32> {
 }
 
 fn lookup_group(name: &str) -> Option<u32> {
-    nix::unistd::Group::from_name(name).ok().flatten().map(|g| g.gid.as_raw())
+    nix::unistd::Group::from_name(name)
+        .ok()
+        .flatten()
+        .map(|g| g.gid.as_raw())
 }
 
 fn fresh_generation(now_ns: u64) -> u64 {
@@ -300,7 +330,10 @@ fn fresh_generation(now_ns: u64) -> u64 {
 /// A class record's slot range.
 fn slot_range(rec: &ClassRecord) -> (u32, u32) {
     // Relaxed: the daemon is the only writer of these fields.
-    (rec.slot_base.load(Ordering::Relaxed), rec.slot_len.load(Ordering::Relaxed))
+    (
+        rec.slot_base.load(Ordering::Relaxed),
+        rec.slot_len.load(Ordering::Relaxed),
+    )
 }
 
 /// Write the config's classes into the region: update classes that exist
@@ -313,9 +346,10 @@ pub fn apply_classes(region: &Region, config: &Config, now_ns: u64) -> Result<()
     let mut plans = Vec::with_capacity(config.classes.len());
     for class in &config.classes {
         let rate = match class.rate {
-            Some(r) => Some(RateParams::new(r, class.burst, class.excess_burst).map_err(|e| {
-                RegionError::Config(format!("classes.{}: {e}", class.name))
-            })?),
+            Some(r) => Some(
+                RateParams::new(r, class.burst, class.excess_burst)
+                    .map_err(|e| RegionError::Config(format!("classes.{}: {e}", class.name)))?,
+            ),
             None => None,
         };
         plans.push((class, rate, find_class(region, &class.name)));
@@ -333,7 +367,9 @@ pub fn apply_classes(region: &Region, config: &Config, now_ns: u64) -> Result<()
     for (class, _, existing) in &plans {
         let want = class.max_in_flight.unwrap_or(0) as u32;
         if let Some(i) = existing {
-            let rec = region.class(*i).ok_or_else(|| RegionError::Config("class index".into()))?;
+            let rec = region
+                .class(*i)
+                .ok_or_else(|| RegionError::Config("class index".into()))?;
             let (_, len) = slot_range(rec);
             if want > len {
                 return Err(RegionError::Config(format!(
@@ -351,7 +387,9 @@ pub fn apply_classes(region: &Region, config: &Config, now_ns: u64) -> Result<()
         if rec.state.load(Ordering::Relaxed) != CLASS_ACTIVE {
             continue;
         }
-        let keep = rec.name().is_some_and(|n| config.classes.iter().any(|c| c.name == n));
+        let keep = rec
+            .name()
+            .is_some_and(|n| config.classes.iter().any(|c| c.name == n));
         if !keep {
             // Release pairs with the clients' Acquire loads: handles see the
             // new generation and look the class up again.
@@ -363,7 +401,9 @@ pub fn apply_classes(region: &Region, config: &Config, now_ns: u64) -> Result<()
     for (class, rate, existing) in plans {
         match existing {
             Some(i) => {
-                let rec = region.class(i).ok_or_else(|| RegionError::Config("class index".into()))?;
+                let rec = region
+                    .class(i)
+                    .ok_or_else(|| RegionError::Config("class index".into()))?;
                 write_limits(rec, class, rate);
             }
             None => {
@@ -407,9 +447,16 @@ fn write_limits(rec: &ClassRecord, class: &ClassConfig, rate: Option<RateParams>
         dst.store(c as u32, Ordering::Relaxed);
     }
     rec.queue_depth.store(class.queue_depth, Ordering::Relaxed);
-    rec.max_cost.store(class.max_cost.unwrap_or(0), Ordering::Relaxed);
-    rec.max_wait_ns.store(class.max_wait.map(|d| d.as_nanos() as u64).unwrap_or(0), Ordering::Relaxed);
-    rec.age_after_ns.store(class.age_after.map(|d| d.as_nanos() as u64).unwrap_or(0), Ordering::Relaxed);
+    rec.max_cost
+        .store(class.max_cost.unwrap_or(0), Ordering::Relaxed);
+    rec.max_wait_ns.store(
+        class.max_wait.map(|d| d.as_nanos() as u64).unwrap_or(0),
+        Ordering::Relaxed,
+    );
+    rec.age_after_ns.store(
+        class.age_after.map(|d| d.as_nanos() as u64).unwrap_or(0),
+        Ordering::Relaxed,
+    );
     match rate {
         Some(r) => {
             rec.burst.store(r.burst, Ordering::Relaxed);
@@ -437,7 +484,9 @@ fn reusable(region: &Region, rec: &ClassRecord) -> bool {
         CLASS_FREE => true,
         CLASS_REMOVED => {
             let (base, len) = slot_range(rec);
-            region.slots(base, len).is_none_or(|w| slots::in_flight(w) == 0)
+            region
+                .slots(base, len)
+                .is_none_or(|w| slots::in_flight(w) == 0)
         }
         _ => false,
     }

@@ -100,7 +100,8 @@ impl Snapshot {
             running: crate::region::lock_held(map.file()).unwrap_or(false),
             heartbeat_age_ms: now.saturating_sub(heartbeat) / 1_000_000,
             generation: h.generation.load(Ordering::Relaxed),
-            draining: h.flags.load(Ordering::Relaxed) & sluice_shm_layout::layout::FLAG_DRAINING != 0,
+            draining: h.flags.load(Ordering::Relaxed) & sluice_shm_layout::layout::FLAG_DRAINING
+                != 0,
         };
         let live = live_clients(region);
         let mut classes = Vec::new();
@@ -149,7 +150,11 @@ impl Snapshot {
                 max_in_flight: has_slots.then_some(u64::from(p.max_in_flight)),
                 soft_in_flight: has_slots.then_some(u64::from(p.soft_in_flight)),
                 lane_ceilings: has_slots.then(|| {
-                    LANES.iter().enumerate().map(|(l, n)| (n.to_string(), u64::from(p.ceiling(l)))).collect()
+                    LANES
+                        .iter()
+                        .enumerate()
+                        .map(|(l, n)| (n.to_string(), u64::from(p.ceiling(l))))
+                        .collect()
                 }),
                 rate: p.rate.map(|r| 1e9 * 64.0 / r.t as f64),
                 burst: p.rate.map(|r| r.burst),

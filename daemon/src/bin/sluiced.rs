@@ -40,7 +40,11 @@ fn main() -> ExitCode {
     let args = match Args::try_parse() {
         Ok(a) => a,
         Err(e) => {
-            let code = if e.use_stderr() { exit::USAGE } else { exit::OK };
+            let code = if e.use_stderr() {
+                exit::USAGE
+            } else {
+                exit::OK
+            };
             let _ = e.print();
             return ExitCode::from(code as u8);
         }
@@ -80,7 +84,10 @@ fn main() -> ExitCode {
         config = %args.config.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "embedded default".into()),
         "sluiced starting"
     );
-    let opts = Options { config_path: args.config.clone(), region_path };
+    let opts = Options {
+        config_path: args.config.clone(),
+        region_path,
+    };
     match daemon::run(config, opts) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -88,7 +95,9 @@ fn main() -> ExitCode {
             eprintln!("sluiced: {e}");
             let code = match &e {
                 DaemonError::Region(sluice_daemon::region::RegionError::Config(_)) => exit::CONFIG,
-                DaemonError::Region(sluice_daemon::region::RegionError::Locked { .. }) => exit::UNAVAILABLE,
+                DaemonError::Region(sluice_daemon::region::RegionError::Locked { .. }) => {
+                    exit::UNAVAILABLE
+                }
                 DaemonError::Region(sluice_daemon::region::RegionError::Io { source, .. })
                     if source.kind() == std::io::ErrorKind::PermissionDenied =>
                 {

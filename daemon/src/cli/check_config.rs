@@ -25,7 +25,9 @@ pub fn run(args: &CheckArgs) -> i32 {
         print!("{DEFAULT_CONFIG_TOML}");
         return exit::OK;
     }
-    let Some(path) = &args.path else { return exit::USAGE };
+    let Some(path) = &args.path else {
+        return exit::USAGE;
+    };
     match Config::load(path) {
         Ok(c) => {
             let names: Vec<&str> = c.classes.iter().map(|c| c.name.as_str()).collect();

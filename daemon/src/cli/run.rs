@@ -92,13 +92,19 @@ pub fn run(region: &Path, args: RunArgs) -> i32 {
         Ok(c) => c,
         Err(e) => return fail(exit::USAGE, e),
     };
-    let req = Request::new().cost(args.cost).lane(args.lane).attempt(args.attempt);
+    let req = Request::new()
+        .cost(args.cost)
+        .lane(args.lane)
+        .attempt(args.attempt);
     let permit = match class.try_acquire(&req) {
         Ok(Decision::Admitted(p)) => p,
         Ok(Decision::Refused(no)) => {
             let mut msg = format!("class {} {no}", args.class);
             if let Some(d) = no.retry_after {
-                msg.push_str(&format!(" (SLUICE_RETRY_AFTER_MS={})", d.as_millis().max(1)));
+                msg.push_str(&format!(
+                    " (SLUICE_RETRY_AFTER_MS={})",
+                    d.as_millis().max(1)
+                ));
             }
             return fail(exit::TEMPFAIL, msg);
         }
@@ -127,7 +133,14 @@ pub fn run(region: &Path, args: RunArgs) -> i32 {
     unsafe {
         cmd.pre_exec(move || {
             // Die with us: if sluice is killed, so is the command.
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) != 0 {
+            if libc::prctl(
+                libc::PR_SET_PDEATHSIG,
+                libc::SIGKILL as libc::c_ulong,
+                0,
+                0,
+                0,
+            ) != 0
+            {
                 return Err(std::io::Error::last_os_error());
             }
             // We may have died between fork and prctl.
