@@ -27,6 +27,7 @@
 
 pub mod clock;
 pub mod map;
+pub mod wait;
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -34,17 +35,18 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use sluice_shm_layout::admit::{self, Admission, Ask, ClassParams};
-use sluice_shm_layout::bucket::ns_to_units;
 use sluice_shm_layout::counters::{self, Reason};
 use sluice_shm_layout::layout::{
     ClassRecord, CounterBlock, CLASS_ACTIVE, CLIENT_ALIVE, CLIENT_EXITING, FLAG_DRAINING,
 };
+use sluice_shm_layout::queue::{self, ClassView, TicketRecord};
 use sluice_shm_layout::registry;
 use sluice_shm_layout::slots::{self, Owner, SlotGrant, INLINE_SLOTS};
 use sluice_shm_layout::sync::{AtomicU64, Ordering};
 
 pub use map::{region_path, OpenError, RegionMap, DEFAULT_REGION, REGION_ENV};
 pub use sluice_shm_layout::counters::Reason as RefuseReason;
+pub use wait::{Enqueued, Expiry, Outcome, Ticket, TicketState};
 
 /// Permit sequence used by permits whose slots fit inline: they release by
 /// position, so they need no unique number (and no shared counter).
@@ -484,13 +486,12 @@ impl<'c> ClassHandle<'c> {
         Ok(rec)
     }
 
-    fn counters(&self, a: &'c Attached) -> Option<&'c CounterBlock> {
-        a.map.region().counters(a.owner.index, self.index)
-    }
-
-    /// Decide now: admitted with a permit, or refused with a reason. Never
-    /// waits.
-    pub fn try_acquire(&self, req: &Request) -> Result<Decision<'_>, AcquireError> {
+    /// Everything one decision needs, read from the region, or the decision
+    /// itself when it needs nothing more (fail-open, draining).
+    pub(crate) fn context(
+        &self,
+        req: &Request,
+    ) -> Result<Result<Ctx<'_>, Decision<'_>>, AcquireError> {
         if req.cost == 0 {
             return Err(AcquireError::ZeroCost);
         }
@@ -500,47 +501,86 @@ impl<'c> ClassHandle<'c> {
         let Some(a) = &self.client.attached else {
             // Relaxed: a counter only.
             self.client.let_through.fetch_add(1, Ordering::Relaxed);
-            return Ok(Decision::Admitted(Permit::detached(self, req.cost)));
+            return Ok(Err(Decision::Admitted(Permit::detached(self, req.cost))));
         };
         let rec = self.record(a)?;
         let region = a.map.region();
-        let counts = self.counters(a);
+        let counts = region.counters(a.owner.index, self.index);
         // Relaxed: the draining flag is advisory; a request racing the
         // flag's store may still be admitted, as it would a moment earlier.
         if region.header().flags.load(Ordering::Relaxed) & FLAG_DRAINING != 0 {
-            return Ok(self.refuse(counts, Reason::ShuttingDown, None, None));
+            return Ok(Err(self.refuse(counts, Reason::ShuttingDown, None, None)));
         }
         let params = ClassParams::load(rec);
-        // Relaxed: slot_base/len are fixed while the generation is.
+        let corrupt = |what| AcquireError::Corrupt {
+            name: self.name.clone(),
+            what,
+        };
+        // Relaxed: the slot and ticket ranges are fixed while the
+        // generation is (checked above).
         let base = rec.slot_base.load(Ordering::Relaxed);
         let len = if params.max_in_flight > 0 {
             rec.slot_len.load(Ordering::Relaxed)
         } else {
             0
         };
-        let words: &[AtomicU64] = region.slots(base, len).ok_or(AcquireError::Corrupt {
-            name: self.name.clone(),
-            what: "slot range outside the slot table",
-        })?;
-        let now = if params.rate.is_some() {
-            ns_to_units(clock::monotonic_ns().saturating_sub(a.epoch_ns))
+        let slots = region
+            .slots(base, len)
+            .ok_or_else(|| corrupt("slot range outside the slot table"))?;
+        let ticket_base = rec.ticket_base.load(Ordering::Relaxed);
+        let ticket_len = rec.ticket_len.load(Ordering::Relaxed);
+        let tickets = region
+            .tickets(ticket_base, ticket_len)
+            .ok_or_else(|| corrupt("ticket range outside the ticket table"))?;
+        // Clamped: four lanes must fit the range (the region is untrusted).
+        let lane_len =
+            (rec.ticket_lane_len.load(Ordering::Relaxed) as usize).min(tickets.len() / 4);
+        Ok(Ok(Ctx {
+            attached: a,
+            rec,
+            counts,
+            params,
+            slots,
+            tickets,
+            ticket_base,
+            lane_len,
+        }))
+    }
+
+    /// Decide now: admitted with a permit, or refused with a reason. Never
+    /// waits, and never overtakes a waiting ticket of its lane or a higher
+    /// one.
+    pub fn try_acquire(&self, req: &Request) -> Result<Decision<'_>, AcquireError> {
+        let ctx = match self.context(req)? {
+            Ok(ctx) => ctx,
+            Err(decision) => return Ok(decision),
+        };
+        let lane = req.lane.index();
+        // Relaxed: a hint on the fast path. Missing a ticket published a
+        // moment ago only lets this request in first, as if it came first;
+        // no wake-up depends on this load (see `Permit::release_slots`).
+        let waiting = ctx.rec.waiters.value.load(Ordering::Relaxed) & queue::bits_at_or_above(lane);
+        if waiting != 0 {
+            return Ok(self.behind_waiters(&ctx, req));
+        }
+        let now = if ctx.params.rate.is_some() {
+            ctx.now_units()
         } else {
             0
         };
-        let fits_inline = req.cost <= INLINE_SLOTS as u64;
-        let seq = if fits_inline {
+        let seq = if req.cost <= INLINE_SLOTS as u64 {
             POSITIONAL_SEQ
         } else {
-            unique_seq(region, a)
+            unique_seq(ctx.attached)
         };
-        let tag = a.owner.tag(seq);
+        let tag = ctx.attached.owner.tag(seq);
         let ask = Ask {
             cost: req.cost,
-            lane: req.lane.index(),
+            lane,
         };
-        match admit::decide(&params, &rec.tat.value, words, ask, now, tag) {
+        match admit::decide(&ctx.params, &ctx.rec.tat.value, ctx.slots, ask, now, tag) {
             Admission::Admitted { slots, degraded } => {
-                if let Some(c) = counts {
+                if let Some(c) = ctx.counts {
                     counters::bump(&c.counts[counters::ADMITTED], 1);
                     if degraded {
                         counters::bump(&c.counts[counters::DEGRADED], 1);
@@ -548,11 +588,12 @@ impl<'c> ClassHandle<'c> {
                 }
                 Ok(Decision::Admitted(Permit {
                     handle: self,
-                    words,
+                    words: ctx.slots,
                     grant: slots,
                     tag,
                     cost: req.cost,
                     degraded,
+                    ticket: None,
                     released: false,
                 }))
             }
@@ -561,7 +602,7 @@ impl<'c> ClassHandle<'c> {
                 retry_after_ns,
                 largest,
             } => Ok(self.refuse(
-                counts,
+                ctx.counts,
                 reason,
                 retry_after_ns.map(Duration::from_nanos),
                 largest,
@@ -569,7 +610,30 @@ impl<'c> ClassHandle<'c> {
         }
     }
 
-    fn refuse(
+    /// Tickets wait ahead of this request: help them along, then refuse
+    /// unless the queue emptied (never overtake).
+    fn behind_waiters(&self, ctx: &Ctx<'_>, req: &Request) -> Decision<'_> {
+        let lane = req.lane.index();
+        let largest = ctx.params.largest_cost(lane);
+        if req.cost > largest {
+            return self.refuse(ctx.counts, Reason::SmallerScope, None, Some(largest));
+        }
+        let now_ns = clock::monotonic_ns();
+        self.help(ctx, now_ns);
+        // SeqCst: pairs with the enqueuers' bit sets and the dispatcher's
+        // clearing; after our dispatch the bits say who still waits.
+        if ctx.rec.waiters.value.load(Ordering::SeqCst) & queue::bits_at_or_above(lane) != 0 {
+            return self.refuse(ctx.counts, Reason::NotNow, None, None);
+        }
+        // The queue emptied: decide normally (no recursion: the bits are
+        // clear, so try_acquire goes straight to the checks).
+        match self.try_acquire(req) {
+            Ok(d) => d,
+            Err(_) => self.refuse(ctx.counts, Reason::NotNow, None, None),
+        }
+    }
+
+    pub(crate) fn refuse(
         &self,
         counts: Option<&CounterBlock>,
         reason: Reason,
@@ -587,14 +651,77 @@ impl<'c> ClassHandle<'c> {
     }
 }
 
+/// One decision's view of the region: the class record and its tables.
+pub(crate) struct Ctx<'a> {
+    pub(crate) attached: &'a Attached,
+    pub(crate) rec: &'a ClassRecord,
+    pub(crate) counts: Option<&'a CounterBlock>,
+    pub(crate) params: ClassParams,
+    pub(crate) slots: &'a [AtomicU64],
+    pub(crate) tickets: &'a [TicketRecord],
+    pub(crate) ticket_base: u32,
+    /// Records per lane; the pool for immediate grants follows the lanes.
+    pub(crate) lane_len: usize,
+}
+
+impl<'a> Ctx<'a> {
+    /// Bucket time now.
+    pub(crate) fn now_units(&self) -> u64 {
+        self.now_units_at(clock::monotonic_ns())
+    }
+
+    /// Bucket time of a CLOCK_MONOTONIC reading.
+    pub(crate) fn now_units_at(&self, now_ns: u64) -> u64 {
+        wait::units_at(now_ns, self.attached.epoch_ns)
+    }
+
+    /// The class as the dispatcher sees it.
+    pub(crate) fn view(&self) -> ClassView<'a> {
+        ClassView {
+            params: self.params,
+            tat: &self.rec.tat.value,
+            slots: self.slots,
+            tickets: self.tickets,
+            waiters: &self.rec.waiters.value,
+            // Relaxed: a config value.
+            age_after_ns: self.rec.age_after_ns.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// The bucket of the wait-time histogram for a wait of `us` microseconds:
+/// log-linear, 4 sub-buckets per power of two, exact below 16 µs.
+pub fn hist_bucket(us: u64) -> usize {
+    if us < 16 {
+        return us as usize;
+    }
+    let e = 63 - us.leading_zeros() as usize;
+    let sub = ((us >> (e - 2)) & 3) as usize;
+    (16 + (e - 4) * 4 + sub).min(HIST_BUCKETS - 1)
+}
+
+/// The smallest wait (µs) that falls in histogram bucket `b`.
+pub fn hist_bucket_floor(b: usize) -> u64 {
+    if b < 16 {
+        return b as u64;
+    }
+    let e = (b - 16) / 4 + 4;
+    let sub = ((b - 16) % 4) as u64;
+    (1u64 << e) + (sub << (e - 2))
+}
+
+/// Buckets of the wait-time histogram.
+pub const HIST_BUCKETS: usize = sluice_shm_layout::layout::WAIT_HIST_BUCKETS;
+
 /// A unique permit number for permits that must find their slots by tag.
-fn unique_seq(region: &sluice_shm_layout::layout::Region, a: &Attached) -> u32 {
-    let Some(rec) = region.client(a.owner.index) else {
+fn unique_seq(a: &Attached) -> u32 {
+    let Some(rec) = a.map.region().client(a.owner.index) else {
         return POSITIONAL_SEQ + 1;
     };
     loop {
-        // Relaxed: only uniqueness matters, which the RMW gives.
-        let v = rec.permit_seq.fetch_add(1, Ordering::Relaxed) as u32;
+        // Relaxed: only uniqueness matters, which the RMW gives; the top bit
+        // is left to ticket tags.
+        let v = (rec.permit_seq.fetch_add(1, Ordering::Relaxed) as u32) & !queue::TICKET_TAG_BIT;
         if v > POSITIONAL_SEQ {
             return v;
         }
@@ -610,7 +737,22 @@ pub struct Permit<'a> {
     tag: u64,
     cost: u64,
     degraded: bool,
+    /// `(index, generation)` of the ticket, for permits from `acquire`.
+    ticket: Option<(u32, u32)>,
     released: bool,
+}
+
+/// How the work under a permit ended, reported on release.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WorkOutcome {
+    /// Done.
+    Completed,
+    /// Done in part: this many units of the cost.
+    Partial(u64),
+    /// Failed.
+    Failed,
+    /// Stopped because cancellation was requested.
+    Cancelled,
 }
 
 impl<'a> Permit<'a> {
@@ -622,7 +764,29 @@ impl<'a> Permit<'a> {
             tag: 0,
             cost,
             degraded: false,
+            ticket: None,
             released: true,
+        }
+    }
+
+    pub(crate) fn from_ticket(
+        handle: &'a ClassHandle<'a>,
+        words: &'a [AtomicU64],
+        tag: u64,
+        cost: u64,
+        degraded: bool,
+        index: u32,
+        generation: u32,
+    ) -> Self {
+        Self {
+            handle,
+            words,
+            grant: SlotGrant::default(),
+            tag,
+            cost,
+            degraded,
+            ticket: Some((index, generation)),
+            released: false,
         }
     }
 
@@ -642,8 +806,42 @@ impl<'a> Permit<'a> {
         self.handle.name()
     }
 
+    /// The ticket id, for permits from `acquire`/`enqueue` (what `sluice
+    /// tickets` lists and `sluice cancel` takes).
+    pub fn ticket_id(&self) -> Option<u64> {
+        self.ticket.map(|(i, g)| queue::ticket_id(i, g))
+    }
+
+    fn ticket_record(&self) -> Option<&'a TicketRecord> {
+        let (index, _) = self.ticket?;
+        let a = self.handle.client.attached.as_ref()?;
+        a.map.region().tickets(index, 1)?.first()
+    }
+
+    /// True once someone asked the holder to stop (`sluice cancel`). A
+    /// cheap load; poll it between units of work.
+    pub fn cancel_requested(&self) -> bool {
+        self.ticket_record().is_some_and(wait::cancel_requested)
+    }
+
     /// Release now. Same as dropping; idempotent with the drop.
     pub fn release(mut self) {
+        self.release_slots();
+    }
+
+    /// Release, reporting how the work ended (counted per class).
+    pub fn release_with(mut self, outcome: WorkOutcome) {
+        if let Some(a) = &self.handle.client.attached {
+            if let Some(c) = a.map.region().counters(a.owner.index, self.handle.index) {
+                let which = match outcome {
+                    WorkOutcome::Completed => counters::OUTCOME_COMPLETED,
+                    WorkOutcome::Partial(_) => counters::OUTCOME_PARTIAL,
+                    WorkOutcome::Failed => counters::OUTCOME_FAILED,
+                    WorkOutcome::Cancelled => counters::OUTCOME_CANCELLED,
+                };
+                counters::bump(&c.counts[which], 1);
+            }
+        }
         self.release_slots();
     }
 
@@ -652,8 +850,37 @@ impl<'a> Permit<'a> {
             return;
         }
         self.released = true;
-        if self.grant.count > 0 {
+        if let Some((index, generation)) = self.ticket {
+            queue::release_tagged(self.words, self.tag);
+            if let Some(rec) = self.ticket_record() {
+                wait::free_granted(rec, generation);
+            }
+            let _ = index;
+        } else if self.grant.count > 0 {
             slots::release(self.words, &self.grant, self.tag);
+        } else {
+            return;
+        }
+        self.after_release();
+    }
+
+    /// A slot came free: if a ticket waits, hand it on. The only system
+    /// call a release can make, and only when a waiter is recorded.
+    fn after_release(&self) {
+        let Some(a) = &self.handle.client.attached else {
+            return;
+        };
+        let Some(rec) = a.map.region().class(self.handle.index) else {
+            return;
+        };
+        // SeqCst: pairs with the enqueuer's SeqCst bit set and publish,
+        // ordered after our SeqCst slot release (see queue.rs: no lost
+        // wake-up). A plain load on x86.
+        if rec.waiters.value.load(Ordering::SeqCst) == 0 {
+            return;
+        }
+        if let Ok(Ok(ctx)) = self.handle.context(&Request::new()) {
+            self.handle.help(&ctx, clock::monotonic_ns());
         }
     }
 }

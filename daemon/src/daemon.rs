@@ -83,7 +83,11 @@ fn notify(states: &[sd_notify::NotifyState<'_>]) {
 /// Run the daemon until SIGTERM/SIGINT and the drain that follows.
 pub fn run(mut config: Config, opts: Options) -> Result<(), DaemonError> {
     install_signals().map_err(DaemonError::Signals)?;
-    let owned = region::open_region(&opts.region_path, &config, monotonic_ns())?;
+    let owned = std::sync::Arc::new(region::open_region(
+        &opts.region_path,
+        &config,
+        monotonic_ns(),
+    )?);
     let region_path = owned.path().to_path_buf();
     tracing::info!(
         region = %region_path.display(),
@@ -105,9 +109,12 @@ pub fn run(mut config: Config, opts: Options) -> Result<(), DaemonError> {
         }
     })?;
     let pid = std::process::id();
+    let shared = std::sync::Arc::clone(&owned);
     std::thread::Builder::new()
         .name("control".into())
-        .spawn(move || crate::control::serve(listener, move |req, _peer| answer(req, pid)))
+        .spawn(move || {
+            crate::control::serve(listener, move |req, peer| answer(&shared, req, peer, pid))
+        })
         .map_err(|source| DaemonError::Control {
             path: socket.clone(),
             source,
@@ -128,6 +135,7 @@ pub fn run(mut config: Config, opts: Options) -> Result<(), DaemonError> {
     let mut last_ping = Instant::now();
 
     let mut watcher = Watcher::default();
+    let mut rates = crate::maintain::RateSampler::default();
     let mut drain_deadline: Option<Instant> = None;
     loop {
         let region = owned.region();
@@ -139,6 +147,9 @@ pub fn run(mut config: Config, opts: Options) -> Result<(), DaemonError> {
         for r in watcher.scan(region) {
             log_retired(&r);
         }
+        rates.sample(region);
+        crate::maintain::dispatch_all(region);
+        crate::reclaim::expire_verifying(region);
 
         if RELOAD.swap(false, StdOrdering::SeqCst) {
             config = reload(&owned, config, opts.config_path.as_deref());
@@ -187,12 +198,40 @@ pub fn run(mut config: Config, opts: Options) -> Result<(), DaemonError> {
     Ok(())
 }
 
-fn answer(req: &serde_json::Value, pid: u32) -> serde_json::Value {
+fn answer(
+    owned: &OwnedRegion,
+    req: &serde_json::Value,
+    peer: &crate::control::Peer,
+    pid: u32,
+) -> serde_json::Value {
     match req.get("cmd").and_then(|c| c.as_str()) {
         Some("ping") => json!({"ok": true, "pid": pid}),
-        Some(other) => {
-            json!({"ok": false, "error": format!("unknown command {other:?}: this sluiced knows ping")})
+        Some("cancel") => {
+            let Some(id) = req.get("ticket").and_then(|t| t.as_u64()) else {
+                return json!({"ok": false, "error": "cancel needs a numeric \"ticket\""});
+            };
+            match crate::maintain::cancel(owned.region(), id) {
+                Ok(r) => {
+                    let what = match r {
+                        crate::maintain::CancelResult::Cancelled => "cancelled",
+                        crate::maintain::CancelResult::Requested => "cancel_requested",
+                    };
+                    tracing::info!(
+                        ticket = id,
+                        result = what,
+                        peer_pid = peer.pid,
+                        peer_uid = peer.uid,
+                        "operator cancel"
+                    );
+                    json!({"ok": true, "ticket": id, "result": what})
+                }
+                Err(e) => json!({"ok": false, "error": e.to_string()}),
+            }
         }
+        Some(other) => json!({
+            "ok": false,
+            "error": format!("unknown command {other:?}: this sluiced knows ping and cancel")
+        }),
         None => json!({"ok": false, "error": "request has no \"cmd\""}),
     }
 }

@@ -10,10 +10,15 @@
 use std::collections::HashMap;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
-use sluice_client::clock::process_start_time;
+use sluice_client::clock::{monotonic_ns, process_start_time};
 use sluice_shm_layout::counters;
+use sluice_shm_layout::layout::ClassRecord;
 use sluice_shm_layout::layout::{
     Region, CLASS_FREE, CLIENT_ALIVE, CLIENT_CLAIMED, CLIENT_DEAD, CLIENT_EXITING, CLIENT_FREE,
+};
+use sluice_shm_layout::queue::{
+    self, TicketWord, T_CANCELLED, T_CLAIMED, T_EXPIRED, T_FREE, T_GRANTED, T_GRANTING, T_QUEUED,
+    T_VERIFYING,
 };
 use sluice_shm_layout::registry::{self, ClientState};
 use sluice_shm_layout::slots::{self, Owner};
@@ -180,6 +185,9 @@ pub fn retire(region: &Region, idx: u32, word: u64, died: bool) -> Option<Retire
         index: idx,
         generation: st.generation,
     };
+    // Tickets first: once none of its tickets can be granted, no slot can
+    // take its tag any more, so the slot scan below is final.
+    let held_tickets = settle_tickets(region, idx);
     let mut total = 0;
     for class_idx in 0..region.geometry().caps.classes {
         let Some(class) = region.class(class_idx) else {
@@ -197,16 +205,170 @@ pub fn retire(region: &Region, idx: u32, word: u64, died: bool) -> Option<Retire
                 // Relaxed: a counter.
                 class.totals.counts[counters::RECLAIMED].fetch_add(n, Ordering::Relaxed);
                 total += n;
+                // Permits that held no ticket get a `verifying` one now,
+                // so ops can see what the dead process was doing.
+                let ticketed = held_tickets.get(&class_idx).copied().unwrap_or(0);
+                if died && n > ticketed {
+                    record_verifying(region, class, idx, st.pid, n - ticketed);
+                }
             }
         }
         if let Some(block) = region.counters(idx, class_idx) {
             counters::fold(&block.counts, &class.totals.counts);
         }
     }
+    // Relaxed: ordered before the Release CAS of `free`.
+    rec.start_time.store(0, Ordering::Relaxed);
     registry::free(&rec.state, word);
     Some(Retired {
         pid: st.pid,
         slots: total,
         died,
     })
+}
+
+/// How long a `verifying` ticket stays listed.
+pub const VERIFYING_FOR_NS: u64 = 60_000_000_000;
+
+/// Settle every ticket owned by client `idx`: queued ones are removed,
+/// granted ones become `verifying` (their holder died; the outcome of the
+/// work is unknown). Tickets it was granting for others go back to the
+/// queue. Returns, per class, the slots its granted tickets held.
+fn settle_tickets(region: &Region, idx: u32) -> HashMap<u32, u64> {
+    let me = (idx + 1) & 0xFFFF;
+    let now = monotonic_ns();
+    let mut held = HashMap::new();
+    for class_idx in 0..region.geometry().caps.classes {
+        let Some(class) = region.class(class_idx) else {
+            break;
+        };
+        // Relaxed: the daemon is the only writer of these fields.
+        if class.state.load(Ordering::Relaxed) == CLASS_FREE {
+            continue;
+        }
+        let tbase = class.ticket_base.load(Ordering::Relaxed);
+        let tlen = class.ticket_len.load(Ordering::Relaxed);
+        let sbase = class.slot_base.load(Ordering::Relaxed);
+        let slen = class.slot_len.load(Ordering::Relaxed);
+        let (Some(tickets), Some(words)) = (region.tickets(tbase, tlen), region.slots(sbase, slen))
+        else {
+            continue;
+        };
+        for rec in tickets {
+            // A granter is a few atomic steps from done: give it a moment.
+            for _ in 0..1000 {
+                // Acquire pairs with the SeqCst transitions of the ticket.
+                let w = TicketWord::decode(rec.state.load(Ordering::Acquire));
+                if w.state != T_GRANTING || w.granter == me {
+                    break;
+                }
+                std::thread::yield_now();
+            }
+            // Acquire: as above.
+            let w = TicketWord::decode(rec.state.load(Ordering::Acquire));
+            if w.state == T_GRANTING && w.granter == me {
+                // It died granting this ticket: undo its half grant.
+                // Relaxed: written before the ticket was published.
+                let tag = rec.tag.load(Ordering::Relaxed);
+                queue::release_tagged(words, tag);
+                if queue::transition(rec, w, w.with(T_QUEUED, 0)).is_ok() {
+                    queue::wake(rec);
+                }
+                continue;
+            }
+            if w.owner != me {
+                continue;
+            }
+            match w.state {
+                T_CLAIMED | T_QUEUED | T_GRANTING
+                    if queue::transition(rec, w, w.with(T_FREE, 0)).is_ok() =>
+                {
+                    // Relaxed: a counter.
+                    class.totals.counts[counters::CANCELLED].fetch_add(1, Ordering::Relaxed);
+                }
+                T_GRANTED => {
+                    // Relaxed: fields of a record whose owner is dead.
+                    let tag = rec.tag.load(Ordering::Relaxed);
+                    let n = words
+                        .iter()
+                        .filter(|w| w.load(Ordering::Relaxed) == tag)
+                        .count() as u64;
+                    *held.entry(class_idx).or_insert(0) += n;
+                    rec.deadline_ns
+                        .store(now.saturating_add(VERIFYING_FOR_NS), Ordering::Relaxed);
+                    let _ = queue::transition(rec, w, w.with(T_VERIFYING, 0));
+                }
+                T_CANCELLED | T_EXPIRED => {
+                    let _ = queue::transition(rec, w, w.with(T_FREE, 0));
+                }
+                _ => {}
+            }
+        }
+    }
+    held
+}
+
+/// List `n` reclaimed ticketless permits of a dead process as one
+/// `verifying` ticket (if a record is free).
+fn record_verifying(region: &Region, class: &ClassRecord, idx: u32, pid: u32, n: u64) {
+    // Relaxed: the daemon is the only writer of these fields.
+    let tbase = class.ticket_base.load(Ordering::Relaxed);
+    let tlen = class.ticket_len.load(Ordering::Relaxed);
+    let Some(tickets) = region.tickets(tbase, tlen) else {
+        return;
+    };
+    let Some((i, generation)) = queue::claim(tickets, 0, idx) else {
+        return;
+    };
+    let Some(rec) = tickets.get(i as usize) else {
+        return;
+    };
+    let now = monotonic_ns();
+    // Relaxed: published by the SeqCst transition below.
+    rec.cost.store(n, Ordering::Relaxed);
+    rec.lane.store(
+        sluice_shm_layout::layout::DEFAULT_LANE as u32,
+        Ordering::Relaxed,
+    );
+    rec.enqueued_ns.store(now, Ordering::Relaxed);
+    rec.deadline_ns
+        .store(now.saturating_add(VERIFYING_FOR_NS), Ordering::Relaxed);
+    rec.pid.store(pid, Ordering::Relaxed);
+    rec.tag.store(0, Ordering::Relaxed);
+    rec.flags.store(0, Ordering::Relaxed);
+    let w = TicketWord {
+        generation,
+        state: T_CLAIMED,
+        granter: 0,
+        owner: (idx + 1) & 0xFFFF,
+    };
+    let _ = queue::transition(rec, w, w.with(T_VERIFYING, 0));
+}
+
+/// Free `verifying` tickets listed long enough. Returns how many.
+pub fn expire_verifying(region: &Region) -> u32 {
+    let now = monotonic_ns();
+    let mut freed = 0;
+    for class_idx in 0..region.geometry().caps.classes {
+        let Some(class) = region.class(class_idx) else {
+            break;
+        };
+        // Relaxed: the daemon is the only writer of these fields.
+        let tbase = class.ticket_base.load(Ordering::Relaxed);
+        let tlen = class.ticket_len.load(Ordering::Relaxed);
+        let Some(tickets) = region.tickets(tbase, tlen) else {
+            continue;
+        };
+        for rec in tickets {
+            // Acquire pairs with the SeqCst transition to VERIFYING.
+            let w = TicketWord::decode(rec.state.load(Ordering::Acquire));
+            if w.state == T_VERIFYING
+                && rec.deadline_ns.load(Ordering::Relaxed) <= now
+                && queue::transition(rec, w, w.with(T_FREE, 0)).is_ok()
+            {
+                freed += 1;
+            }
+        }
+    }
+    freed
 }

@@ -21,6 +21,7 @@ use sluice_shm_layout::layout::{
     self, Capacities, ClassRecord, Geometry, Region, CLASS_ACTIVE, CLASS_FREE, CLASS_REMOVED,
     HEADER_SIZE,
 };
+use sluice_shm_layout::queue::{TicketWord, T_FREE};
 use sluice_shm_layout::slots;
 use sluice_shm_layout::sync::Ordering;
 
@@ -370,6 +371,16 @@ pub fn apply_classes(region: &Region, config: &Config, now_ns: u64) -> Result<()
             let rec = region
                 .class(*i)
                 .ok_or_else(|| RegionError::Config("class index".into()))?;
+            let (_, tlen) = ticket_range(rec);
+            let lane_len = rec.ticket_lane_len.load(Ordering::Relaxed);
+            if tickets_needed(class) > tlen || tickets_per_lane(class) > lane_len {
+                return Err(RegionError::Config(format!(
+                    "classes.{}: queue_depth {} and max_in_flight need {} ticket records, more than the {tlen} this region reserved for the class: restart sluiced on a new region to raise them",
+                    class.name,
+                    class.queue_depth,
+                    tickets_needed(class)
+                )));
+            }
             let (_, len) = slot_range(rec);
             if want > len {
                 return Err(RegionError::Config(format!(
@@ -408,7 +419,16 @@ pub fn apply_classes(region: &Region, config: &Config, now_ns: u64) -> Result<()
             }
             None => {
                 let want = class.max_in_flight.unwrap_or(0) as u32;
-                let base = allocate_slots(region, want).ok_or_else(|| {
+                let caps = region.geometry().caps;
+                let tickets = tickets_needed(class);
+                let ticket_base = allocate(region, tickets, caps.tickets, ticket_range)
+                    .ok_or_else(|| {
+                        RegionError::Config(format!(
+                            "no room for the {tickets} ticket records of class {} in the region's ticket table ({} records): raise daemon.capacity.tickets, or lower queue_depth",
+                            class.name, caps.tickets
+                        ))
+                    })?;
+                let base = allocate(region, want, caps.slots, slot_range).ok_or_else(|| {
                     RegionError::Config(format!(
                         "no room for {want} slots of class {} in the region's slot table ({} words): raise daemon.capacity.slots",
                         class.name,
@@ -422,6 +442,18 @@ pub fn apply_classes(region: &Region, config: &Config, now_ns: u64) -> Result<()
                 // Relaxed: published by the Release store of `state` below.
                 rec.slot_base.store(base, Ordering::Relaxed);
                 rec.slot_len.store(want, Ordering::Relaxed);
+                rec.ticket_base.store(ticket_base, Ordering::Relaxed);
+                rec.ticket_len.store(tickets, Ordering::Relaxed);
+                rec.ticket_lane_len
+                    .store(tickets_per_lane(class), Ordering::Relaxed);
+                rec.enqueue_seq.value.store(0, Ordering::Relaxed);
+                rec.waiters.value.store(0, Ordering::Relaxed);
+                for h in &rec.wait_hist {
+                    h.store(0, Ordering::Relaxed);
+                }
+                for c in &rec.totals.counts {
+                    c.store(0, Ordering::Relaxed);
+                }
                 rec.tat.value.store(0, Ordering::Relaxed);
                 rec.set_name(&class.name);
                 write_limits(rec, class, rate);
@@ -484,34 +516,74 @@ fn reusable(region: &Region, rec: &ClassRecord) -> bool {
         CLASS_FREE => true,
         CLASS_REMOVED => {
             let (base, len) = slot_range(rec);
-            region
+            let (tbase, tlen) = ticket_range(rec);
+            let no_slots = region
                 .slots(base, len)
-                .is_none_or(|w| slots::in_flight(w) == 0)
+                .is_none_or(|w| slots::in_flight(w) == 0);
+            let no_tickets = region.tickets(tbase, tlen).is_none_or(|t| {
+                t.iter().all(|r| {
+                    // Relaxed: a snapshot; a removed class takes no new
+                    // tickets, so none can appear after this.
+                    TicketWord::decode(r.state.load(Ordering::Relaxed)).state == T_FREE
+                })
+            });
+            no_slots && no_tickets
         }
         _ => false,
     }
 }
 
-/// First-fit a run of `want` slot words not used by any live or removed
-/// class that still holds slots.
-fn allocate_slots(region: &Region, want: u32) -> Option<u32> {
+/// First-fit a run of `want` entries of a table of `total`, avoiding the
+/// ranges (`range_of`) of every class record that is not reusable.
+fn allocate(
+    region: &Region,
+    want: u32,
+    total: u32,
+    range_of: fn(&ClassRecord) -> (u32, u32),
+) -> Option<u32> {
     if want == 0 {
         return Some(0);
     }
     let mut used: Vec<(u32, u32)> = (0..region.geometry().caps.classes)
         .filter_map(|i| region.class(i))
         .filter(|r| !reusable(region, r))
-        .map(slot_range)
+        .map(range_of)
         .filter(|&(_, len)| len > 0)
         .collect();
     used.sort_unstable();
     let mut start = 0u32;
     for (base, len) in used {
-        if base.checked_sub(start)? >= want {
+        if base >= start && base - start >= want {
             return Some(start);
         }
         start = start.max(base.checked_add(len)?);
     }
-    let total = region.geometry().caps.slots;
     (total.checked_sub(start)? >= want).then_some(start)
+}
+
+/// A class record's ticket range.
+fn ticket_range(rec: &ClassRecord) -> (u32, u32) {
+    // Relaxed: the daemon is the only writer of these fields.
+    (
+        rec.ticket_base.load(Ordering::Relaxed),
+        rec.ticket_len.load(Ordering::Relaxed),
+    )
+}
+
+/// Ticket records per lane: room for a full queue and as many tickets
+/// granted from it and still held.
+pub fn tickets_per_lane(class: &ClassConfig) -> u32 {
+    class.queue_depth.saturating_mul(2)
+}
+
+/// Ticket records a class needs: four lanes, then a pool for tickets granted
+/// without waiting (one per slot up to 1024; 64 for a class without slots).
+pub fn tickets_needed(class: &ClassConfig) -> u32 {
+    let pool = match class.max_in_flight {
+        Some(m) => (m as u32).min(1024),
+        None => 64,
+    };
+    tickets_per_lane(class)
+        .saturating_mul(4)
+        .saturating_add(pool)
 }

@@ -12,7 +12,8 @@ use sluice_client::{OpenError, RegionMap};
 use sluice_shm_layout::admit::ClassParams;
 use sluice_shm_layout::bucket::{ns_to_units, units_to_ns_ceil};
 use sluice_shm_layout::counters::{self, Reason};
-use sluice_shm_layout::layout::{Region, CLASS_ACTIVE, CLIENT_FREE, LANES};
+use sluice_shm_layout::layout::{ClassRecord, Region, CLASS_ACTIVE, CLIENT_FREE, LANES};
+use sluice_shm_layout::queue::{self, TicketWord};
 use sluice_shm_layout::registry::ClientState;
 use sluice_shm_layout::slots;
 use sluice_shm_layout::sync::Ordering;
@@ -70,6 +71,65 @@ pub struct ClassStats {
     pub reclaimed: u64,
     /// Refusals by reason (every reason present, 0 included).
     pub refused: BTreeMap<String, u64>,
+    /// Tickets waiting now, per lane (by the lane they count in now).
+    pub queued_by_lane: BTreeMap<String, u64>,
+    /// Wait before a grant from the queue, percentiles in ms (null until
+    /// something waited).
+    pub wait_ms: WaitPercentiles,
+    /// Outcomes reported on release.
+    pub outcomes: BTreeMap<String, u64>,
+}
+
+/// Wait-time percentiles, from the region's log-linear histogram.
+#[derive(Debug, Clone, Serialize, PartialEq, Default)]
+pub struct WaitPercentiles {
+    /// Median.
+    pub p50: Option<f64>,
+    /// 90th percentile.
+    pub p90: Option<f64>,
+    /// 99th percentile.
+    pub p99: Option<f64>,
+    /// Largest bucket seen.
+    pub max: Option<f64>,
+    /// Grants counted.
+    pub count: u64,
+}
+
+/// One ticket, as `sluice tickets --json` prints it.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct TicketInfo {
+    /// Id for `sluice cancel`.
+    pub id: u64,
+    /// Class name.
+    pub class: String,
+    /// Lane it counts in now (aging may have raised it).
+    pub lane: String,
+    /// `queued`, `granted`, `cancelled`, `expired` or `verifying`.
+    pub state: &'static str,
+    /// 1-based place in the class's queue; null unless queued.
+    pub position: Option<u32>,
+    /// Honest ETA in ms; null when unknown or not queued.
+    pub eta_ms: Option<u64>,
+    /// Since it was enqueued (or, verifying, since its holder died).
+    pub age_ms: u64,
+    /// Owner's pid.
+    pub pid: u32,
+    /// Cost.
+    pub cost: u64,
+    /// True once a cancel was requested of its holder.
+    pub cancel_requested: bool,
+}
+
+/// The lowercase name of a ticket state.
+pub fn state_name(state: u64) -> &'static str {
+    match state {
+        queue::T_CLAIMED | queue::T_QUEUED | queue::T_GRANTING => "queued",
+        queue::T_GRANTED => "granted",
+        queue::T_CANCELLED => "cancelled",
+        queue::T_EXPIRED => "expired",
+        queue::T_VERIFYING => "verifying",
+        _ => "free",
+    }
 }
 
 /// The whole snapshot: `sluice stats --json` prints exactly this.
@@ -144,6 +204,30 @@ impl Snapshot {
                 .iter()
                 .map(|r| (r.as_str().to_string(), sums[r.counter()]))
                 .collect();
+            let tickets = region
+                .tickets(
+                    rec.ticket_base.load(Ordering::Relaxed),
+                    rec.ticket_len.load(Ordering::Relaxed),
+                )
+                .unwrap_or(&[]);
+            let age = rec.age_after_ns.load(Ordering::Relaxed);
+            let best = queue::best(tickets, now, age);
+            let queued_by_lane: BTreeMap<String, u64> = LANES
+                .iter()
+                .zip(best.queued)
+                .map(|(l, n)| (l.to_string(), u64::from(n)))
+                .collect();
+            let queued = queued_by_lane.values().sum();
+            let outcomes = [
+                ("completed", counters::OUTCOME_COMPLETED),
+                ("partial", counters::OUTCOME_PARTIAL),
+                ("failed", counters::OUTCOME_FAILED),
+                ("cancelled", counters::OUTCOME_CANCELLED),
+            ]
+            .iter()
+            .map(|(n, k)| (n.to_string(), sums[*k]))
+            .collect();
+            let wait_ms = percentiles(rec);
             classes.push(ClassStats {
                 name,
                 in_flight,
@@ -163,11 +247,14 @@ impl Snapshot {
                 admitted: sums[counters::ADMITTED],
                 degraded: sums[counters::DEGRADED],
                 granted_from_queue: sums[counters::GRANTED_FROM_QUEUE],
-                queued: 0,
+                queued,
                 cancelled: sums[counters::CANCELLED],
                 expired: sums[counters::EXPIRED],
                 reclaimed: sums[counters::RECLAIMED],
                 refused,
+                queued_by_lane,
+                wait_ms,
+                outcomes,
             });
         }
         Snapshot { daemon, classes }
@@ -195,4 +282,110 @@ fn live_clients(region: &Region) -> Vec<u32> {
 /// Nanoseconds from fixed-point units (re-exported for display code).
 pub fn units_ns(units: u64) -> u64 {
     units_to_ns_ceil(units)
+}
+
+/// Percentiles of a class's wait histogram, through hdrhistogram: each
+/// bucket is recorded at its lower bound, so values are exact to the
+/// bucket's width (a quarter of a power of two).
+fn percentiles(rec: &ClassRecord) -> WaitPercentiles {
+    let Ok(mut h) = hdrhistogram::Histogram::<u64>::new_with_bounds(1, 1 << 40, 2) else {
+        return WaitPercentiles::default();
+    };
+    for (b, c) in rec.wait_hist.iter().enumerate() {
+        // Relaxed: counter snapshots.
+        let n = c.load(Ordering::Relaxed);
+        if n > 0 {
+            let _ = h.record_n(sluice_client::hist_bucket_floor(b).max(1), n);
+        }
+    }
+    if h.is_empty() {
+        return WaitPercentiles::default();
+    }
+    let ms = |us: u64| Some(us as f64 / 1000.0);
+    WaitPercentiles {
+        p50: ms(h.value_at_quantile(0.50)),
+        p90: ms(h.value_at_quantile(0.90)),
+        p99: ms(h.value_at_quantile(0.99)),
+        max: ms(h.max()),
+        count: h.len(),
+    }
+}
+
+/// Every live ticket (not free) of every active class.
+pub fn tickets(map: &RegionMap) -> Vec<TicketInfo> {
+    let region = map.region();
+    let now = monotonic_ns();
+    let now_units = ns_to_units(now.saturating_sub(region.epoch_ns()));
+    let mut out = Vec::new();
+    for i in 0..region.geometry().caps.classes {
+        let Some(rec) = region.class(i) else { break };
+        // Acquire pairs with the daemon's Release store of `state`.
+        if rec.state.load(Ordering::Acquire) == sluice_shm_layout::layout::CLASS_FREE {
+            continue;
+        }
+        let Some(name) = rec.name() else { continue };
+        // Relaxed throughout: a listing snapshot.
+        let tickets = region
+            .tickets(
+                rec.ticket_base.load(Ordering::Relaxed),
+                rec.ticket_len.load(Ordering::Relaxed),
+            )
+            .unwrap_or(&[]);
+        let age = rec.age_after_ns.load(Ordering::Relaxed);
+        let p = ClassParams::load(rec);
+        let in_flight = region
+            .slots(
+                rec.slot_base.load(Ordering::Relaxed),
+                rec.slot_len.load(Ordering::Relaxed),
+            )
+            .map(slots::in_flight)
+            .unwrap_or(0);
+        for (k, t) in tickets.iter().enumerate() {
+            let w = TicketWord::decode(t.state.load(Ordering::Relaxed));
+            if w.state == queue::T_FREE {
+                continue;
+            }
+            let state = state_name(w.state);
+            let lane = t.lane.load(Ordering::Relaxed);
+            let enq = t.enqueued_ns.load(Ordering::Relaxed);
+            let eff = queue::effective_lane(lane, enq, now, age);
+            let (position, eta_ms) = if state == "queued" {
+                let (pos, cost_ahead) = queue::position(tickets, k, now, age).unwrap_or((1, 0));
+                let eta = queue::eta_ns(&queue::EtaInput {
+                    rate: p.rate.as_ref(),
+                    tat_units: rec.tat.value.load(Ordering::Relaxed),
+                    now_units,
+                    has_slots: p.max_in_flight > 0,
+                    slot_free: in_flight < u64::from(p.ceiling(eff as usize)),
+                    position: pos,
+                    cost_ahead,
+                    grants_per_sec_milli: rec.grant_rate_milli.load(Ordering::Relaxed),
+                });
+                (Some(pos), eta.map(|ns| ns.div_ceil(1_000_000)))
+            } else {
+                (None, None)
+            };
+            let index = rec.ticket_base.load(Ordering::Relaxed) + k as u32;
+            out.push(TicketInfo {
+                id: queue::ticket_id(index, w.generation),
+                class: name.clone(),
+                lane: LANES
+                    .get(eff as usize)
+                    .unwrap_or(&"interactive")
+                    .to_string(),
+                state,
+                position,
+                eta_ms,
+                age_ms: now.saturating_sub(enq) / 1_000_000,
+                pid: t.pid.load(Ordering::Relaxed),
+                cost: t.cost.load(Ordering::Relaxed),
+                cancel_requested: t.flags.load(Ordering::Relaxed) & queue::FLAG_CANCEL_REQUESTED
+                    != 0,
+            });
+        }
+    }
+    out.sort_by(|a, b| {
+        (a.class.as_str(), a.position, a.id).cmp(&(b.class.as_str(), b.position, b.id))
+    });
+    out
 }

@@ -88,8 +88,16 @@ pub const EXPIRED: usize = 12;
 pub const RECLAIMED: usize = 13;
 /// Permits released (any outcome).
 pub const RELEASED: usize = 14;
+/// Releases reporting the work completed.
+pub const OUTCOME_COMPLETED: usize = 15;
+/// Releases reporting the work partly done.
+pub const OUTCOME_PARTIAL: usize = 16;
+/// Releases reporting the work failed.
+pub const OUTCOME_FAILED: usize = 17;
+/// Releases reporting the work stopped on a cancel request.
+pub const OUTCOME_CANCELLED: usize = 18;
 /// Number of counters in a block.
-pub const COUNT: usize = 16;
+pub const COUNT: usize = 32;
 
 /// Add to a counter of this process's block.
 ///

@@ -6,10 +6,11 @@
 //! ```text
 //! offset            what                                   size
 //! 0                 Header                                 512
-//! off_classes       ClassRecord × cap_classes              1024 each
+//! off_classes       ClassRecord × cap_classes              2048 each
 //! off_clients       ClientRecord × cap_clients             128 each
-//! off_counters      CounterBlock × cap_clients × cap_classes 128 each
+//! off_counters      CounterBlock × cap_clients × cap_classes 256 each
 //! off_slots         slot word (u64) × cap_slots            8 each
+//! off_tickets       TicketRecord × cap_tickets             64 each
 //! size              rounded up to 4096
 //! ```
 //!
@@ -34,6 +35,7 @@
 //! ([`crate::slots`]). Client records: the claiming client and the daemon
 //! ([`crate::registry`]). Counter blocks: their client; the daemon folds.
 
+#[cfg(not(loom))]
 use std::ptr::NonNull;
 
 use crate::counters;
@@ -49,13 +51,17 @@ pub const LAYOUT_VERSION: u32 = 1;
 /// Bytes of the header.
 pub const HEADER_SIZE: usize = 512;
 /// Bytes of one class record.
-pub const CLASS_RECORD_SIZE: usize = 1024;
+pub const CLASS_RECORD_SIZE: usize = 2048;
 /// Bytes of one client record.
 pub const CLIENT_RECORD_SIZE: usize = 128;
 /// Bytes of one counter block.
-pub const COUNTER_BLOCK_SIZE: usize = 128;
+pub const COUNTER_BLOCK_SIZE: usize = 256;
 /// Bytes of one slot word.
 pub const SLOT_SIZE: usize = 8;
+/// Bytes of one ticket record.
+pub const TICKET_SIZE: usize = 64;
+/// Buckets of a class's wait-time histogram (log-linear, µs).
+pub const WAIT_HIST_BUCKETS: usize = 128;
 /// Alignment of every table.
 pub const LINE: usize = 128;
 /// The region size is a multiple of this.
@@ -106,7 +112,10 @@ pub struct Header {
     /// Header flags ([`FLAG_DRAINING`]); read on every request, written
     /// rarely, so it lives on this read-mostly line.
     pub flags: AtomicU32,
-    _reserved0: [AtomicU32; 5],
+    _pad0: AtomicU32,
+    /// Byte offset of the ticket records.
+    pub off_tickets: AtomicU64,
+    _reserved0: [AtomicU32; 2],
     /// Line 1, written by the daemon often: its pid.
     pub daemon_pid: AtomicU32,
     _pad1: AtomicU32,
@@ -178,16 +187,31 @@ pub struct ClassRecord {
     pub max_cost: AtomicU64,
     /// Cap on a request's wait, ns; 0 means none (reserved).
     pub max_wait_ns: AtomicU64,
-    /// Aging period, ns; 0 means off (reserved).
+    /// Aging period, ns; 0 means off.
     pub age_after_ns: AtomicU64,
-    _reserved_cfg: [AtomicU64; 14],
+    /// First ticket record of this class.
+    pub ticket_base: AtomicU32,
+    /// Ticket records reserved for this class.
+    pub ticket_len: AtomicU32,
+    /// Grants per second × 1000, sampled by the daemon for ETAs (0: no
+    /// sample yet).
+    pub grant_rate_milli: AtomicU64,
+    /// Ticket records per lane; the four lanes come first, then the pool
+    /// for tickets granted without waiting.
+    pub ticket_lane_len: AtomicU32,
+    _pad_cfg: AtomicU32,
+    _reserved_cfg: [AtomicU64; 11],
     /// The bucket's `tat`, alone on its line.
     pub tat: HotWord,
     /// Waiter count and futex word (reserved for the scheduling layout).
     pub waiters: HotWord,
     /// Counts folded in from exited clients; written by the daemon.
     pub totals: CounterBlock,
-    _reserved_hot: [HotWord; 3],
+    /// Class-wide FIFO sequence for tickets.
+    pub enqueue_seq: HotWord,
+    /// Waits of tickets granted from the queue, log-linear µs buckets.
+    pub wait_hist: [AtomicU64; WAIT_HIST_BUCKETS],
+    _reserved_tail: [AtomicU64; 16],
 }
 
 /// Client record `state` low byte: unused.
@@ -203,6 +227,7 @@ pub const CLIENT_DEAD: u64 = 4;
 
 /// One client process.
 #[repr(C, align(128))]
+#[derive(Default)]
 pub struct ClientRecord {
     /// Packed `[generation: 24 | state: 8 | pid: 32]`; see
     /// [`crate::registry`].
@@ -228,6 +253,7 @@ const _: () = {
     assert!(std::mem::offset_of!(Header, layout_version) == 8);
     assert!(std::mem::offset_of!(Header, region_size) == 32);
     assert!(std::mem::offset_of!(Header, flags) == 104);
+    assert!(std::mem::offset_of!(Header, off_tickets) == 112);
     assert!(std::mem::offset_of!(Header, daemon_pid) == 128);
     assert!(std::mem::offset_of!(Header, heartbeat_ns) == 136);
     assert!(std::mem::offset_of!(ClassRecord, name) == 48);
@@ -235,6 +261,10 @@ const _: () = {
     assert!(std::mem::offset_of!(ClassRecord, tat) == 256);
     assert!(std::mem::offset_of!(ClassRecord, waiters) == 384);
     assert!(std::mem::offset_of!(ClassRecord, totals) == 512);
+    assert!(std::mem::offset_of!(ClassRecord, ticket_base) == 144);
+    assert!(std::mem::offset_of!(ClassRecord, enqueue_seq) == 768);
+    assert!(std::mem::offset_of!(ClassRecord, wait_hist) == 896);
+    assert!(std::mem::size_of::<crate::queue::TicketRecord>() == TICKET_SIZE);
 };
 
 /// Table capacities of a region.
@@ -263,6 +293,8 @@ pub struct Geometry {
     pub off_counters: u64,
     /// Byte offset of the slot words.
     pub off_slots: u64,
+    /// Byte offset of the ticket records.
+    pub off_tickets: u64,
     /// Total bytes.
     pub size: u64,
 }
@@ -342,20 +374,34 @@ impl Geometry {
         let off_counters = mul(caps.clients, CLIENT_RECORD_SIZE)
             .and_then(|b| off_clients.checked_add(b))
             .ok_or_else(err)?;
-        let blocks = u64::from(caps.clients).checked_mul(u64::from(caps.classes)).ok_or_else(err)?;
+        let blocks = u64::from(caps.clients)
+            .checked_mul(u64::from(caps.classes))
+            .ok_or_else(err)?;
         let off_slots = blocks
             .checked_mul(COUNTER_BLOCK_SIZE as u64)
             .and_then(|b| off_counters.checked_add(b))
             .ok_or_else(err)?;
-        let end = mul(caps.slots, SLOT_SIZE)
+        let off_tickets = mul(caps.slots, SLOT_SIZE)
             .and_then(|b| off_slots.checked_add(b))
+            .and_then(|e| align_up(e, line))
+            .ok_or_else(err)?;
+        let end = mul(caps.tickets, TICKET_SIZE)
+            .and_then(|b| off_tickets.checked_add(b))
             .and_then(|e| align_up(e, line))
             .ok_or_else(err)?;
         let size = align_up(end, PAGE as u64).ok_or_else(err)?;
         if size > isize::MAX as u64 {
             return Err(err());
         }
-        Ok(Self { caps, off_classes, off_clients, off_counters, off_slots, size })
+        Ok(Self {
+            caps,
+            off_classes,
+            off_clients,
+            off_counters,
+            off_slots,
+            off_tickets,
+            size,
+        })
     }
 }
 
@@ -376,18 +422,27 @@ fn le_u64(b: &[u8], at: usize) -> u64 {
 /// access through the mapping can fault with SIGBUS.
 pub fn check_header_bytes(bytes: &[u8], file_len: u64) -> Result<Geometry, AttachError> {
     if bytes.len() < HEADER_SIZE || file_len < HEADER_SIZE as u64 {
-        return Err(AttachError::TooSmall { len: file_len, need: HEADER_SIZE as u64 });
+        return Err(AttachError::TooSmall {
+            len: file_len,
+            need: HEADER_SIZE as u64,
+        });
     }
     let magic = le_u64(bytes, 0);
     if magic != MAGIC {
-        return Err(AttachError::BadMagic { found: magic, expected: MAGIC });
+        return Err(AttachError::BadMagic {
+            found: magic,
+            expected: MAGIC,
+        });
     }
     let version = le_u32(bytes, 8);
     if version == 0 {
         return Err(AttachError::NotPublished);
     }
     if version != LAYOUT_VERSION {
-        return Err(AttachError::VersionMismatch { found: version, supported: LAYOUT_VERSION });
+        return Err(AttachError::VersionMismatch {
+            found: version,
+            supported: LAYOUT_VERSION,
+        });
     }
     let sizes = [
         ("header", le_u32(bytes, 12), HEADER_SIZE),
@@ -407,7 +462,10 @@ pub fn check_header_bytes(bytes: &[u8], file_len: u64) -> Result<Geometry, Attac
     }
     let size = le_u64(bytes, 32);
     if size != file_len {
-        return Err(AttachError::SizeMismatch { header: size, file: file_len });
+        return Err(AttachError::SizeMismatch {
+            header: size,
+            file: file_len,
+        });
     }
     let caps = Capacities {
         classes: le_u32(bytes, 56),
@@ -416,8 +474,20 @@ pub fn check_header_bytes(bytes: &[u8], file_len: u64) -> Result<Geometry, Attac
         tickets: le_u32(bytes, 68),
     };
     let geo = Geometry::new(caps).map_err(|e| AttachError::Corrupt(e.to_string()))?;
-    let stated = [le_u64(bytes, 72), le_u64(bytes, 80), le_u64(bytes, 88), le_u64(bytes, 96)];
-    let computed = [geo.off_classes, geo.off_clients, geo.off_counters, geo.off_slots];
+    let stated = [
+        le_u64(bytes, 72),
+        le_u64(bytes, 80),
+        le_u64(bytes, 88),
+        le_u64(bytes, 96),
+        le_u64(bytes, 112),
+    ];
+    let computed = [
+        geo.off_classes,
+        geo.off_clients,
+        geo.off_counters,
+        geo.off_slots,
+        geo.off_tickets,
+    ];
     if stated != computed || geo.size != size {
         return Err(AttachError::Corrupt(format!(
             "table offsets {stated:?} and size {size} do not follow from capacities {caps:?}"
@@ -453,7 +523,10 @@ impl Region {
     /// returned value and of every reference it hands out.
     pub unsafe fn attach(base: NonNull<u8>, len: usize) -> Result<Self, AttachError> {
         if len < HEADER_SIZE {
-            return Err(AttachError::TooSmall { len: len as u64, need: HEADER_SIZE as u64 });
+            return Err(AttachError::TooSmall {
+                len: len as u64,
+                need: HEADER_SIZE as u64,
+            });
         }
         // SAFETY: the caller guarantees `len` readable bytes at `base`,
         // aligned to LINE, which covers the header's size and alignment.
@@ -489,9 +562,12 @@ impl Region {
         // version below publishes them all.
         h.magic.store(MAGIC, Ordering::Relaxed);
         h.header_size.store(HEADER_SIZE as u32, Ordering::Relaxed);
-        h.class_record_size.store(CLASS_RECORD_SIZE as u32, Ordering::Relaxed);
-        h.client_record_size.store(CLIENT_RECORD_SIZE as u32, Ordering::Relaxed);
-        h.counter_block_size.store(COUNTER_BLOCK_SIZE as u32, Ordering::Relaxed);
+        h.class_record_size
+            .store(CLASS_RECORD_SIZE as u32, Ordering::Relaxed);
+        h.client_record_size
+            .store(CLIENT_RECORD_SIZE as u32, Ordering::Relaxed);
+        h.counter_block_size
+            .store(COUNTER_BLOCK_SIZE as u32, Ordering::Relaxed);
         h.slot_size.store(SLOT_SIZE as u32, Ordering::Relaxed);
         h.region_size.store(geo.size, Ordering::Relaxed);
         h.generation.store(generation, Ordering::Relaxed);
@@ -504,6 +580,7 @@ impl Region {
         h.off_clients.store(geo.off_clients, Ordering::Relaxed);
         h.off_counters.store(geo.off_counters, Ordering::Relaxed);
         h.off_slots.store(geo.off_slots, Ordering::Relaxed);
+        h.off_tickets.store(geo.off_tickets, Ordering::Relaxed);
         Self { base, geo }
     }
 
@@ -512,7 +589,9 @@ impl Region {
     pub fn publish(&self) {
         // Release pairs with the Acquire load in `attach`: publishes the
         // header and everything the creator wrote before this.
-        self.header().layout_version.store(LAYOUT_VERSION, Ordering::Release);
+        self.header()
+            .layout_version
+            .store(LAYOUT_VERSION, Ordering::Release);
     }
 
     /// The validated geometry.
@@ -579,6 +658,23 @@ impl Region {
         // SAFETY: `first` points at `len` consecutive initialised atomics.
         Some(unsafe { std::slice::from_raw_parts(first, len as usize) })
     }
+
+    /// Ticket records `base .. base + len`, if inside the ticket table.
+    pub fn tickets(&self, base: u32, len: u32) -> Option<&[crate::queue::TicketRecord]> {
+        let end = base.checked_add(len)?;
+        if end > self.geo.caps.tickets {
+            return None;
+        }
+        let off = self.geo.off_tickets + u64::from(base) * TICKET_SIZE as u64;
+        // SAFETY: [base, end) is inside the validated ticket table, LINE
+        // aligned at its start, records of TICKET_SIZE (64) bytes.
+        let first = unsafe { self.base.as_ptr().add(off as usize) };
+        // SAFETY: `first` points at `len` consecutive ticket records made of
+        // atomics, living as long as `self`.
+        Some(unsafe {
+            std::slice::from_raw_parts(first as *const crate::queue::TicketRecord, len as usize)
+        })
+    }
 }
 
 /// Copy the header's atomics into little-endian bytes for validation.
@@ -609,6 +705,7 @@ fn snapshot_header(h: &Header, version: u32, out: &mut [u8; HEADER_SIZE]) {
     put64(out, 80, h.off_clients.load(Ordering::Relaxed));
     put64(out, 88, h.off_counters.load(Ordering::Relaxed));
     put64(out, 96, h.off_slots.load(Ordering::Relaxed));
+    put64(out, 112, h.off_tickets.load(Ordering::Relaxed));
 }
 
 impl ClassRecord {
@@ -656,5 +753,471 @@ impl ClassRecord {
             // Relaxed: published by the Release store of `state`.
             w.store(u64::from_le_bytes(word), Ordering::Relaxed);
         }
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    // Covers the geometry (aligned, ordered, non-overlapping tables), header
+    // validation with one field corrupted at a time, attach on a real
+    // heap-backed region with its bounds checks, and class names.
+
+    use super::*;
+    use proptest::prelude::*;
+
+    #[repr(C, align(4096))]
+    struct Page([u8; PAGE]);
+
+    /// A zeroed, page-aligned heap buffer standing in for the mapping.
+    struct Buf {
+        pages: Vec<Page>,
+    }
+
+    impl Buf {
+        fn new(len: u64) -> Self {
+            let n = (len as usize).div_ceil(PAGE);
+            Self {
+                pages: (0..n).map(|_| Page([0; PAGE])).collect(),
+            }
+        }
+
+        fn base(&mut self) -> NonNull<u8> {
+            NonNull::new(self.pages.as_mut_ptr().cast::<u8>()).unwrap()
+        }
+    }
+
+    const CAPS: Capacities = Capacities {
+        classes: 3,
+        clients: 5,
+        slots: 100,
+        tickets: 16,
+    };
+
+    /// Header byte offsets of the five table offsets.
+    const OFFSET_FIELDS: [usize; 5] = [72, 80, 88, 96, 112];
+
+    /// A region laid out and published in `buf`; returns its geometry.
+    fn published(buf: &mut Buf) -> Geometry {
+        let geo = Geometry::new(CAPS).unwrap();
+        // SAFETY: `buf` is zeroed, page-aligned, `geo.size` bytes long and
+        // outlives the region, which only this thread touches.
+        let region = unsafe { Region::initialize(buf.base(), geo.size as usize, geo, 7, 1234) };
+        region.publish();
+        geo
+    }
+
+    fn header_bytes(buf: &mut Buf) -> [u8; HEADER_SIZE] {
+        let mut out = [0u8; HEADER_SIZE];
+        // SAFETY: the buffer holds at least one page, more than HEADER_SIZE
+        // bytes, and no other thread writes it.
+        unsafe {
+            std::ptr::copy_nonoverlapping(buf.base().as_ptr(), out.as_mut_ptr(), HEADER_SIZE)
+        };
+        out
+    }
+
+    fn put32(b: &mut [u8], at: usize, v: u32) {
+        b[at..at + 4].copy_from_slice(&v.to_le_bytes());
+    }
+
+    fn put64(b: &mut [u8], at: usize, v: u64) {
+        b[at..at + 8].copy_from_slice(&v.to_le_bytes());
+    }
+
+    fn check_geometry(geo: &Geometry) {
+        let c = geo.caps;
+        let line = LINE as u64;
+        let offs = [
+            geo.off_classes,
+            geo.off_clients,
+            geo.off_counters,
+            geo.off_slots,
+            geo.off_tickets,
+        ];
+        for off in offs {
+            assert_eq!(off % line, 0, "{geo:?}");
+        }
+        assert_eq!(geo.size % PAGE as u64, 0);
+        assert!(geo.off_classes >= HEADER_SIZE as u64);
+        let classes_end = geo.off_classes + u64::from(c.classes) * CLASS_RECORD_SIZE as u64;
+        assert!(geo.off_clients >= classes_end);
+        let clients_end = geo.off_clients + u64::from(c.clients) * CLIENT_RECORD_SIZE as u64;
+        assert!(geo.off_counters >= clients_end);
+        let blocks = u64::from(c.clients) * u64::from(c.classes);
+        assert!(geo.off_slots >= geo.off_counters + blocks * COUNTER_BLOCK_SIZE as u64);
+        let slots_end = geo.off_slots + u64::from(c.slots) * SLOT_SIZE as u64;
+        assert!(geo.off_tickets >= slots_end);
+        assert!(geo.off_tickets < slots_end + line);
+        let end = geo.off_tickets + u64::from(c.tickets) * TICKET_SIZE as u64;
+        assert!(geo.size >= end);
+        assert!(geo.size < end + PAGE as u64 + line);
+    }
+
+    #[test]
+    fn geometry_tables_are_aligned_ordered_and_disjoint() {
+        for caps in [
+            Capacities {
+                classes: 0,
+                clients: 0,
+                slots: 0,
+                tickets: 0,
+            },
+            Capacities {
+                classes: 1,
+                clients: 1,
+                slots: 1,
+                tickets: 1,
+            },
+            CAPS,
+            Capacities {
+                classes: 64,
+                clients: 1024,
+                slots: 65_536,
+                tickets: 65_536,
+            },
+        ] {
+            check_geometry(&Geometry::new(caps).unwrap());
+        }
+        let one = Capacities {
+            classes: 1,
+            clients: 1,
+            slots: 1,
+            tickets: 1,
+        };
+        let small = Geometry::new(one).unwrap();
+        assert_eq!(small.off_classes, HEADER_SIZE as u64);
+        assert_eq!(
+            small.off_clients,
+            small.off_classes + CLASS_RECORD_SIZE as u64
+        );
+        assert_eq!(
+            small.off_counters,
+            small.off_clients + CLIENT_RECORD_SIZE as u64
+        );
+        assert_eq!(
+            small.off_slots,
+            small.off_counters + COUNTER_BLOCK_SIZE as u64
+        );
+        assert_eq!(small.off_tickets, small.off_slots + LINE as u64);
+        let end = small.off_tickets + TICKET_SIZE as u64;
+        assert_eq!(small.size, end.div_ceil(PAGE as u64) * PAGE as u64);
+    }
+
+    #[test]
+    fn geometry_rejects_capacities_too_large_to_address() {
+        let caps = Capacities {
+            classes: u32::MAX,
+            clients: u32::MAX,
+            slots: u32::MAX,
+            tickets: 0,
+        };
+        assert_eq!(Geometry::new(caps), Err(GeometryError(caps)));
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(1000))]
+
+        #[test]
+        fn geometry_holds_for_any_capacities(
+            classes in 0u32..=4096, clients in 0u32..=65_535, slots in 0u32..=1 << 24, tickets in any::<u32>()
+        ) {
+            if let Ok(geo) = Geometry::new(Capacities { classes, clients, slots, tickets }) {
+                check_geometry(&geo);
+            }
+        }
+    }
+
+    #[test]
+    fn published_header_passes_validation() {
+        let mut buf = Buf::new(Geometry::new(CAPS).unwrap().size);
+        let geo = published(&mut buf);
+        let bytes = header_bytes(&mut buf);
+        assert_eq!(check_header_bytes(&bytes, geo.size), Ok(geo));
+        assert_eq!(&bytes[..8], b"SLUICErg");
+    }
+
+    #[cfg(target_endian = "little")]
+    #[test]
+    fn attach_snapshot_matches_the_raw_header_bytes() {
+        let mut buf = Buf::new(Geometry::new(CAPS).unwrap().size);
+        published(&mut buf);
+        let raw = header_bytes(&mut buf);
+        let len = buf.pages.len() * PAGE;
+        // SAFETY: as in `published`; the region is live and published.
+        let region = unsafe { Region::attach(buf.base(), len) }.unwrap();
+        let mut snap = [0u8; HEADER_SIZE];
+        snapshot_header(region.header(), LAYOUT_VERSION, &mut snap);
+        // Every field the snapshot copies sits where `repr(C)` put it.
+        for at in (0..HEADER_SIZE).step_by(8) {
+            if snap[at..at + 8] != [0; 8] {
+                assert_eq!(snap[at..at + 8], raw[at..at + 8], "header bytes at {at}");
+            }
+        }
+        for at in OFFSET_FIELDS {
+            assert_ne!(snap[at..at + 8], [0; 8], "offset field at {at} is copied");
+        }
+    }
+
+    #[test]
+    fn header_shorter_than_512_bytes_is_too_small() {
+        let mut buf = Buf::new(Geometry::new(CAPS).unwrap().size);
+        let geo = published(&mut buf);
+        let bytes = header_bytes(&mut buf);
+        let need = HEADER_SIZE as u64;
+        assert_eq!(
+            check_header_bytes(&bytes, need - 1),
+            Err(AttachError::TooSmall {
+                len: need - 1,
+                need
+            })
+        );
+        let r = check_header_bytes(&bytes[..HEADER_SIZE - 1], geo.size);
+        assert!(matches!(r, Err(AttachError::TooSmall { .. })));
+        assert_eq!(
+            check_header_bytes(&[], 0),
+            Err(AttachError::TooSmall { len: 0, need })
+        );
+    }
+
+    #[test]
+    fn each_corrupted_field_is_named() {
+        let mut buf = Buf::new(Geometry::new(CAPS).unwrap().size);
+        let geo = published(&mut buf);
+        let good = header_bytes(&mut buf);
+        let size = geo.size;
+        let with = |f: &dyn Fn(&mut [u8])| {
+            let mut b = good;
+            f(&mut b);
+            check_header_bytes(&b, size)
+        };
+
+        let mut bad_magic = good;
+        bad_magic[0] ^= 0x20;
+        let found = u64::from_le_bytes(bad_magic[..8].try_into().unwrap());
+        assert_eq!(
+            with(&|b| b[0] ^= 0x20),
+            Err(AttachError::BadMagic {
+                found,
+                expected: MAGIC
+            })
+        );
+        assert_eq!(with(&|b| put32(b, 8, 0)), Err(AttachError::NotPublished));
+        let v2 = with(&|b| put32(b, 8, 2));
+        assert_eq!(
+            v2,
+            Err(AttachError::VersionMismatch {
+                found: 2,
+                supported: 1
+            })
+        );
+        let msg = v2.unwrap_err().to_string();
+        assert!(msg.contains("v2") && msg.contains("v1"), "{msg}");
+
+        let records = [
+            (12, "header", HEADER_SIZE as u64),
+            (16, "class record", CLASS_RECORD_SIZE as u64),
+            (20, "client record", CLIENT_RECORD_SIZE as u64),
+            (24, "counter block", COUNTER_BLOCK_SIZE as u64),
+            (28, "slot word", SLOT_SIZE as u64),
+        ];
+        for (at, what, expected) in records {
+            let r = with(&|b| put32(b, at, expected as u32 + 8));
+            assert_eq!(
+                r,
+                Err(AttachError::RecordSize {
+                    what,
+                    found: expected + 8,
+                    expected
+                })
+            );
+        }
+
+        let page = PAGE as u64;
+        let longer = check_header_bytes(&good, size + page);
+        assert_eq!(
+            longer,
+            Err(AttachError::SizeMismatch {
+                header: size,
+                file: size + page
+            })
+        );
+        let shorter = check_header_bytes(&good, size - page);
+        assert_eq!(
+            shorter,
+            Err(AttachError::SizeMismatch {
+                header: size,
+                file: size - page
+            })
+        );
+        let r = with(&|b| put64(b, 32, size * 2));
+        assert_eq!(
+            r,
+            Err(AttachError::SizeMismatch {
+                header: size * 2,
+                file: size
+            })
+        );
+
+        // Offsets or capacities that disagree with each other.
+        for at in OFFSET_FIELDS {
+            let r = with(&|b| {
+                let v = u64::from_le_bytes(b[at..at + 8].try_into().unwrap());
+                put64(b, at, v + LINE as u64);
+            });
+            assert!(
+                matches!(r, Err(AttachError::Corrupt(_))),
+                "offset at {at}: {r:?}"
+            );
+        }
+        for (at, v) in [
+            (56, CAPS.classes + 1),
+            (60, CAPS.clients + 1),
+            (64, CAPS.slots + 512),
+        ] {
+            let r = with(&|b| put32(b, at, v));
+            assert!(
+                matches!(r, Err(AttachError::Corrupt(_))),
+                "capacity at {at}: {r:?}"
+            );
+        }
+        let r = with(&|b| {
+            put32(b, 56, u32::MAX);
+            put32(b, 60, u32::MAX);
+        });
+        assert!(matches!(r, Err(AttachError::Corrupt(_))), "{r:?}");
+    }
+
+    #[test]
+    fn unpublished_region_is_refused() {
+        let geo = Geometry::new(CAPS).unwrap();
+        let mut buf = Buf::new(geo.size);
+        // SAFETY: as in `published`.
+        let _region = unsafe { Region::initialize(buf.base(), geo.size as usize, geo, 1, 0) };
+        // SAFETY: the same live buffer.
+        let r = unsafe { Region::attach(buf.base(), geo.size as usize) };
+        assert!(matches!(r, Err(AttachError::NotPublished)));
+    }
+
+    #[test]
+    fn attach_checks_length_before_anything_else() {
+        let geo = Geometry::new(CAPS).unwrap();
+        let mut buf = Buf::new(geo.size);
+        published(&mut buf);
+        // SAFETY: the buffer is longer than each length passed.
+        let short = unsafe { Region::attach(buf.base(), 100) };
+        assert!(matches!(short, Err(AttachError::TooSmall { len: 100, .. })));
+        // SAFETY: as above.
+        let truncated = unsafe { Region::attach(buf.base(), geo.size as usize - PAGE) };
+        assert!(matches!(truncated, Err(AttachError::SizeMismatch { .. })));
+    }
+
+    #[test]
+    fn attach_bounds_checks_every_index() {
+        let geo = Geometry::new(CAPS).unwrap();
+        let mut buf = Buf::new(geo.size);
+        published(&mut buf);
+        let base = buf.base();
+        // SAFETY: `buf` is a published region of `geo.size` bytes that lives
+        // until the end of this test.
+        let region = unsafe { Region::attach(base, geo.size as usize) }.unwrap();
+        assert_eq!(region.geometry(), geo);
+        assert_eq!(region.epoch_ns(), 1234);
+        assert_eq!(region.header().generation.load(Ordering::Relaxed), 7);
+
+        let at = |p: *const u8| p as usize - base.as_ptr() as usize;
+        let last_class = region.class(CAPS.classes - 1).unwrap();
+        assert_eq!(
+            at((last_class as *const ClassRecord).cast()),
+            geo.off_classes as usize + (CAPS.classes as usize - 1) * CLASS_RECORD_SIZE
+        );
+        assert!(region.class(CAPS.classes).is_none());
+        assert!(region.class(u32::MAX).is_none());
+        let last_client = region.client(CAPS.clients - 1).unwrap();
+        assert_eq!(
+            at((last_client as *const ClientRecord).cast()),
+            geo.off_clients as usize + (CAPS.clients as usize - 1) * CLIENT_RECORD_SIZE
+        );
+        assert!(region.client(CAPS.clients).is_none());
+        let block = region.counters(CAPS.clients - 1, CAPS.classes - 1).unwrap();
+        assert_eq!(
+            at((block as *const CounterBlock).cast()) + COUNTER_BLOCK_SIZE,
+            geo.off_slots as usize
+        );
+        assert!(region.counters(CAPS.clients, 0).is_none());
+        assert!(region.counters(0, CAPS.classes).is_none());
+        assert!(region.counters(u32::MAX, u32::MAX).is_none());
+
+        let all = region.slots(0, CAPS.slots).unwrap();
+        assert_eq!(all.len(), CAPS.slots as usize);
+        assert_eq!(at(all.as_ptr().cast()), geo.off_slots as usize);
+        assert_eq!(region.slots(CAPS.slots - 2, 2).unwrap().len(), 2);
+        assert_eq!(region.slots(CAPS.slots, 0).unwrap().len(), 0);
+        assert!(region.slots(1, CAPS.slots).is_none());
+        assert!(region.slots(CAPS.slots, 1).is_none());
+        assert!(region.slots(u32::MAX, 2).is_none(), "base + len overflows");
+        assert!(region.slots(2, u32::MAX).is_none(), "base + len overflows");
+
+        let tickets = region.tickets(0, CAPS.tickets).unwrap();
+        assert_eq!(tickets.len(), CAPS.tickets as usize);
+        assert_eq!(at(tickets.as_ptr().cast()), geo.off_tickets as usize);
+        assert!(geo.off_tickets + u64::from(CAPS.tickets) * TICKET_SIZE as u64 <= geo.size);
+        assert!(region.tickets(1, CAPS.tickets).is_none());
+        assert!(region.tickets(CAPS.tickets, 1).is_none());
+        assert!(
+            region.tickets(u32::MAX, 2).is_none(),
+            "base + len overflows"
+        );
+
+        // The tables do not alias: a write through one is seen only there.
+        region.slots(CAPS.slots - 1, 1).unwrap()[0].store(u64::MAX, Ordering::Relaxed);
+        block.counts[counters::COUNT - 1].store(5, Ordering::Relaxed);
+        assert_eq!(
+            region.slots(0, CAPS.slots).unwrap()[0].load(Ordering::Relaxed),
+            0
+        );
+        assert_eq!(block.counts[counters::COUNT - 1].load(Ordering::Relaxed), 5);
+    }
+
+    #[test]
+    fn class_name_round_trips_up_to_48_bytes() {
+        let geo = Geometry::new(CAPS).unwrap();
+        let mut buf = Buf::new(geo.size);
+        published(&mut buf);
+        // SAFETY: as in `attach_bounds_checks_every_index`.
+        let region = unsafe { Region::attach(buf.base(), geo.size as usize) }.unwrap();
+        let rec = region.class(0).unwrap();
+        let other = region.class(1).unwrap();
+        assert_eq!(rec.name().as_deref(), Some(""));
+        assert!(rec.name_is(""));
+
+        let long = "a-48-byte-class-name.for-the-limit_0123456789xyz";
+        assert_eq!(long.len(), 48);
+        for name in ["reports", "x", "exactly8", long, "api"] {
+            rec.set_name(name);
+            assert_eq!(rec.name().as_deref(), Some(name));
+            assert!(rec.name_is(name), "{name}");
+        }
+        // "api" overwrote the 48-byte name: no tail survives.
+        assert!(!rec.name_is(long));
+        assert!(!rec.name_is("ap"));
+        assert!(!rec.name_is("apis"));
+        assert!(!rec.name_is(&format!("{long}z")));
+        assert_eq!(
+            other.name().as_deref(),
+            Some(""),
+            "names do not spill into the next record"
+        );
+
+        rec.set_name(long);
+        other.set_name("next");
+        assert_eq!(rec.name().as_deref(), Some(long));
+
+        // Bytes that are not UTF-8 give None, never a panic.
+        rec.name[0].store(
+            u64::from_le_bytes([0xFF, 0xFE, 0, 0, 0, 0, 0, 0]),
+            Ordering::Relaxed,
+        );
+        assert_eq!(rec.name(), None);
     }
 }

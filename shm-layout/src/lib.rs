@@ -20,6 +20,7 @@ pub mod bucket;
 pub mod counters;
 pub mod layout;
 pub mod limits;
+pub mod queue;
 pub mod registry;
 pub mod slots;
 pub mod sync;

@@ -22,8 +22,9 @@ pub const MAX_BURST: u64 = 1 << 40;
 
 /// Table capacities a config may ask for.
 pub const MAX_CLASSES: u32 = 4_096;
-/// Most client processes attached at once.
-pub const MAX_CLIENTS: u32 = 65_535;
+/// Most client processes attached at once (index 65534 is the daemon's
+/// own identity when it grants queued tickets).
+pub const MAX_CLIENTS: u32 = 65_534;
 /// Most tickets (waiting or verifying) at once.
 pub const MAX_TICKETS: u32 = 1 << 22;
 /// Most slot words in the whole region (sum of every class's `max_in_flight`).

@@ -170,3 +170,55 @@ macro_rules! crash_point {
         }
     };
 }
+
+/// Sleep while `word` holds `expected`, at most `timeout_ns` (a shared,
+/// not process-private, futex: the word lives in a mapping other processes
+/// wake through). Returns early on a wake-up, a signal, or a changed word;
+/// callers re-check their condition in a loop.
+#[cfg(not(loom))]
+pub fn futex_wait(word: &AtomicU32, expected: u32, timeout_ns: u64) {
+    let ts = libc::timespec {
+        tv_sec: (timeout_ns / 1_000_000_000).min(i64::MAX as u64) as libc::time_t,
+        tv_nsec: (timeout_ns % 1_000_000_000) as libc::c_long,
+    };
+    // SAFETY: FUTEX_WAIT (without FUTEX_PRIVATE_FLAG) on the address of a
+    // live, aligned u32 (AtomicU32 is repr(transparent) over one) with a
+    // valid relative timeout; the kernel only reads the word.
+    unsafe {
+        libc::syscall(
+            libc::SYS_futex,
+            word as *const AtomicU32 as *const u32,
+            libc::FUTEX_WAIT,
+            expected,
+            &ts as *const libc::timespec,
+        )
+    };
+}
+
+/// Wake one process sleeping in [`futex_wait`] on `word`.
+#[cfg(not(loom))]
+pub fn futex_wake(word: &AtomicU32) {
+    // SAFETY: FUTEX_WAKE (shared) on the address of a live, aligned u32;
+    // the kernel does not access the memory.
+    unsafe {
+        libc::syscall(
+            libc::SYS_futex,
+            word as *const AtomicU32 as *const u32,
+            libc::FUTEX_WAKE,
+            1,
+        )
+    };
+}
+
+/// Under loom a futex is modelled by yielding: the waiter re-checks its
+/// condition, so a missing wake-up shows up as a waiter that never proceeds.
+#[cfg(loom)]
+pub fn futex_wait(word: &AtomicU32, expected: u32, _timeout_ns: u64) {
+    if word.load(Ordering::SeqCst) == expected {
+        loom::thread::yield_now();
+    }
+}
+
+/// Under loom, waking is the store the waiter polls; nothing else to do.
+#[cfg(loom)]
+pub fn futex_wake(_word: &AtomicU32) {}

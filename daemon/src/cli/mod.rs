@@ -4,6 +4,7 @@
 pub mod check_config;
 pub mod run;
 pub mod stats;
+pub mod tickets;
 
 use std::path::PathBuf;
 
@@ -27,6 +28,10 @@ pub struct Cli {
     /// Region file [default: /dev/shm/sluice].
     #[arg(long, global = true, value_name = "PATH", env = "SLUICE_REGION")]
     pub region: Option<PathBuf>,
+
+    /// Control socket of the daemon [default: the region path + ".sock"].
+    #[arg(long, global = true, value_name = "PATH", env = "SLUICE_CONTROL")]
+    pub control_socket: Option<PathBuf>,
 
     /// More logging.
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
@@ -58,6 +63,13 @@ pub enum Command {
     ///
     /// Example: sluice run --class reports -- ./make-report.sh --daily
     Run(run::RunArgs),
+    /// List live tickets: queued (with position and ETA), granted (held
+    /// permits from a waiting acquire), verifying (their holder died).
+    Tickets(tickets::TicketsArgs),
+    /// Cancel a ticket through the daemon: a queued one leaves the queue
+    /// (its `sluice run --wait` exits 75); a granted one's holder is asked
+    /// to stop (`sluice run` sends its command SIGTERM).
+    Cancel(tickets::CancelArgs),
     /// Check a config file; prints a summary, or the error with its line and
     /// column (exit 78).
     CheckConfig(check_config::CheckArgs),
@@ -93,6 +105,8 @@ pub fn main() -> i32 {
     match cli.command {
         Command::Stats(a) => stats::run(&region, &a),
         Command::Run(a) => run::run(&region, a),
+        Command::Tickets(a) => tickets::run(&region, &a),
+        Command::Cancel(a) => tickets::cancel(&region, cli.control_socket.as_deref(), &a),
         Command::CheckConfig(a) => check_config::run(&a),
     }
 }

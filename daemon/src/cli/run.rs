@@ -12,7 +12,7 @@ use std::process::Command;
 use std::sync::atomic::{AtomicI32, Ordering as StdOrdering};
 
 use clap::Args;
-use sluice_client::{fmt_duration, Client, Decision, Lane, Request};
+use sluice_client::{fmt_duration, Client, Enqueued, Lane, Outcome, Request, TicketState};
 
 use crate::cli::fail;
 use crate::exit;
@@ -36,9 +36,18 @@ pub struct RunArgs {
     #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
     pub attempt: u32,
 
+    /// Wait up to DUR (e.g. 500ms, 30s, 5m) in the lane's queue instead of
+    /// being refused at once. Expired or cancelled while waiting: exit 75.
+    #[arg(long, value_name = "DUR", value_parser = parse_wait)]
+    pub wait: Option<std::time::Duration>,
+
     /// The command and its arguments (after `--`).
     #[arg(last = true, required = true, value_name = "CMD")]
     pub command: Vec<OsString>,
+}
+
+fn parse_wait(s: &str) -> Result<std::time::Duration, String> {
+    crate::config::parse_duration(s)
 }
 
 static CHILD: AtomicI32 = AtomicI32::new(0);
@@ -96,9 +105,21 @@ pub fn run(region: &Path, args: RunArgs) -> i32 {
         .cost(args.cost)
         .lane(args.lane)
         .attempt(args.attempt);
-    let permit = match class.try_acquire(&req) {
-        Ok(Decision::Admitted(p)) => p,
-        Ok(Decision::Refused(no)) => {
+    let wait = args.wait.unwrap_or(std::time::Duration::ZERO);
+    let outcome = match class.enqueue(&req, wait) {
+        Ok(Enqueued::Done(o)) => o,
+        Ok(Enqueued::Queued(ticket)) => {
+            if let TicketState::Queued { position, eta } = ticket.state() {
+                let eta = eta.map(fmt_duration).unwrap_or_else(|| "unknown".into());
+                tracing::info!(ticket = ticket.id(), position, %eta, "queued");
+            }
+            ticket.wait()
+        }
+        Err(e) => return fail(exit::USAGE, e),
+    };
+    let permit = match outcome {
+        Outcome::Admitted(p) => p,
+        Outcome::Refused(no) => {
             let mut msg = format!("class {} {no}", args.class);
             if let Some(d) = no.retry_after {
                 msg.push_str(&format!(
@@ -108,7 +129,21 @@ pub fn run(region: &Path, args: RunArgs) -> i32 {
             }
             return fail(exit::TEMPFAIL, msg);
         }
-        Err(e) => return fail(exit::USAGE, e),
+        Outcome::Expired(x) => {
+            return fail(
+                exit::TEMPFAIL,
+                format!("class {}: ticket {} {x}", args.class, x.ticket),
+            )
+        }
+        Outcome::Cancelled { ticket } => {
+            return fail(
+                exit::TEMPFAIL,
+                format!(
+                    "class {}: ticket {ticket} cancelled while queued",
+                    args.class
+                ),
+            )
+        }
     };
     if permit.degraded() {
         tracing::info!(class = %args.class, "admitted degraded");
@@ -147,11 +182,41 @@ pub fn run(region: &Path, args: RunArgs) -> i32 {
             if libc::getppid() != parent {
                 libc::kill(libc::getpid(), libc::SIGKILL);
             }
+            // The parent blocked the forwarded signals around the spawn;
+            // the command starts with them unblocked.
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            for sig in FORWARDED {
+                libc::sigaddset(&mut set, sig);
+            }
+            libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut());
             Ok(())
         });
     }
     install_forwarding();
-    let mut child = match cmd.spawn() {
+    // Block the forwarded signals until the child's pid is known, so none
+    // arriving around the spawn is lost; the child unblocks them itself.
+    let mut set = nix::sys::signal::SigSet::empty();
+    for sig in FORWARDED {
+        if let Ok(s) = nix::sys::signal::Signal::try_from(sig) {
+            set.add(s);
+        }
+    }
+    let _ = nix::sys::signal::pthread_sigmask(
+        nix::sys::signal::SigmaskHow::SIG_BLOCK,
+        Some(&set),
+        None,
+    );
+    let spawned = cmd.spawn();
+    if let Ok(c) = &spawned {
+        CHILD.store(c.id() as i32, StdOrdering::SeqCst);
+    }
+    let _ = nix::sys::signal::pthread_sigmask(
+        nix::sys::signal::SigmaskHow::SIG_UNBLOCK,
+        Some(&set),
+        None,
+    );
+    let mut child = match spawned {
         Ok(c) => c,
         Err(e) => {
             drop(permit);
@@ -163,8 +228,7 @@ pub fn run(region: &Path, args: RunArgs) -> i32 {
             return fail(code, format!("cannot run {}: {e}", prog.to_string_lossy()));
         }
     };
-    CHILD.store(child.id() as i32, StdOrdering::SeqCst);
-    let status = child.wait();
+    let status = wait_child(&mut child, &permit);
     CHILD.store(0, StdOrdering::SeqCst);
     drop(permit);
     match status {
@@ -180,4 +244,27 @@ pub fn run(region: &Path, args: RunArgs) -> i32 {
 /// Format a retry-after for messages (re-exported for tests).
 pub fn retry_text(d: std::time::Duration) -> String {
     fmt_duration(d)
+}
+
+/// Wait for the command; if the permit's holder is asked to stop (`sluice
+/// cancel`), send the command SIGTERM (once) and keep waiting for it.
+fn wait_child(
+    child: &mut std::process::Child,
+    permit: &sluice_client::Permit<'_>,
+) -> std::io::Result<std::process::ExitStatus> {
+    let mut told = false;
+    let mut nap = 1u64;
+    loop {
+        if let Some(status) = child.try_wait()? {
+            return Ok(status);
+        }
+        if !told && permit.cancel_requested() {
+            told = true;
+            tracing::warn!(ticket = ?permit.ticket_id(), "cancel requested: sending the command SIGTERM");
+            // SAFETY: kill(2) with the pid of our own child, not yet reaped.
+            unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+        }
+        std::thread::sleep(std::time::Duration::from_millis(nap));
+        nap = (nap * 2).min(20);
+    }
 }

@@ -1,0 +1,200 @@
+//! The daemon's periodic work on the queues: sampling grant rates for ETAs,
+//! granting tickets whose waiters sleep (a rate-limited class refills with
+//! time, not with releases), retiring `verifying` tickets, and cancelling
+//! tickets by id for `sluice cancel`.
+
+use std::collections::{HashMap, VecDeque};
+use std::time::{Duration, Instant};
+
+use sluice_client::clock::monotonic_ns;
+use sluice_shm_layout::admit::ClassParams;
+use sluice_shm_layout::bucket::ns_to_units;
+use sluice_shm_layout::counters;
+use sluice_shm_layout::layout::{Region, CLASS_ACTIVE, CLIENT_FREE};
+use sluice_shm_layout::queue::{
+    self, ClassView, TicketWord, FLAG_CANCEL_REQUESTED, T_CANCELLED, T_GRANTED, T_GRANTING,
+    T_QUEUED,
+};
+use sluice_shm_layout::registry::ClientState;
+use sluice_shm_layout::sync::Ordering;
+
+/// The daemon's client index when it grants tickets (one past the last
+/// client a region can have).
+pub const DAEMON_GRANTER: u32 = sluice_shm_layout::limits::MAX_CLIENTS;
+
+/// How far back the grant rate looks.
+pub const RATE_WINDOW: Duration = Duration::from_secs(5);
+
+/// Grant-rate samples per class.
+#[derive(Default)]
+pub struct RateSampler {
+    samples: HashMap<u32, VecDeque<(Instant, u64)>>,
+    last: Option<Instant>,
+}
+
+/// Sum of a class's `admitted` counter: totals plus every live block.
+pub fn admitted(region: &Region, class_idx: u32) -> u64 {
+    let Some(rec) = region.class(class_idx) else {
+        return 0;
+    };
+    // Relaxed: counter snapshots.
+    let mut sum = rec.totals.counts[counters::ADMITTED].load(Ordering::Relaxed);
+    for c in 0..region.geometry().caps.clients {
+        let live = region.client(c).is_some_and(|r| {
+            ClientState::decode(r.state.load(Ordering::Relaxed)).state != CLIENT_FREE
+        });
+        if live {
+            if let Some(b) = region.counters(c, class_idx) {
+                sum = sum.wrapping_add(b.counts[counters::ADMITTED].load(Ordering::Relaxed));
+            }
+        }
+    }
+    sum
+}
+
+impl RateSampler {
+    /// Take a sample (at most once a second) and publish each class's
+    /// grants per second over the window; 0 when nothing was granted in it
+    /// (the ETA of a slot-waiting ticket is then unknown).
+    pub fn sample(&mut self, region: &Region) {
+        let now = Instant::now();
+        if self
+            .last
+            .is_some_and(|t| now.duration_since(t) < Duration::from_secs(1))
+        {
+            return;
+        }
+        self.last = Some(now);
+        for i in 0..region.geometry().caps.classes {
+            let Some(rec) = region.class(i) else { break };
+            // Relaxed: the daemon is the only writer of `state`.
+            if rec.state.load(Ordering::Relaxed) != CLASS_ACTIVE {
+                self.samples.remove(&i);
+                continue;
+            }
+            let n = admitted(region, i);
+            let q = self.samples.entry(i).or_default();
+            q.push_back((now, n));
+            while q.len() > 2
+                && q.front()
+                    .is_some_and(|(t, _)| now.duration_since(*t) > RATE_WINDOW)
+            {
+                q.pop_front();
+            }
+            let rate = match (q.front(), q.back()) {
+                (Some(&(t0, n0)), Some(&(t1, n1))) if t1 > t0 => {
+                    let secs = t1.duration_since(t0).as_secs_f64();
+                    (n1.saturating_sub(n0) as f64 / secs * 1000.0) as u64
+                }
+                _ => 0,
+            };
+            // Relaxed: an ETA input, read as a hint.
+            rec.grant_rate_milli.store(rate, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Grant what can be granted in every class with waiters.
+pub fn dispatch_all(region: &Region) -> u32 {
+    let now_ns = monotonic_ns();
+    let now_units = ns_to_units(now_ns.saturating_sub(region.epoch_ns()));
+    let mut granted = 0;
+    for i in 0..region.geometry().caps.classes {
+        let Some(rec) = region.class(i) else { break };
+        // Relaxed: the daemon is the only writer of `state`; `waiters` is a
+        // hint here (the waiters' own dispatch is the authority).
+        if rec.state.load(Ordering::Relaxed) != CLASS_ACTIVE
+            || rec.waiters.value.load(Ordering::Relaxed) == 0
+        {
+            continue;
+        }
+        let params = ClassParams::load(rec);
+        let (sb, sl) = (
+            rec.slot_base.load(Ordering::Relaxed),
+            rec.slot_len.load(Ordering::Relaxed),
+        );
+        let (tb, tl) = (
+            rec.ticket_base.load(Ordering::Relaxed),
+            rec.ticket_len.load(Ordering::Relaxed),
+        );
+        let sl = if params.max_in_flight > 0 { sl } else { 0 };
+        let (Some(slots), Some(tickets)) = (region.slots(sb, sl), region.tickets(tb, tl)) else {
+            continue;
+        };
+        let view = ClassView {
+            params,
+            tat: &rec.tat.value,
+            slots,
+            tickets,
+            waiters: &rec.waiters.value,
+            age_after_ns: rec.age_after_ns.load(Ordering::Relaxed),
+        };
+        granted += queue::dispatch(&view, DAEMON_GRANTER, now_ns, now_units).1;
+    }
+    granted
+}
+
+/// What `sluice cancel` did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CancelResult {
+    /// A queued ticket was cancelled; its waiter is told.
+    Cancelled,
+    /// The ticket is granted: its holder was asked to stop.
+    Requested,
+}
+
+/// Why a cancel did nothing.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CancelError {
+    /// No live ticket has this id.
+    #[error("no live ticket {0}: it ended already, or the id is wrong (see `sluice tickets`)")]
+    NotFound(u64),
+    /// It is in a state a cancel cannot change.
+    #[error("ticket {id} is {state}: nothing to cancel")]
+    Final {
+        /// The id.
+        id: u64,
+        /// Its state name.
+        state: &'static str,
+    },
+}
+
+/// Cancel ticket `id`: a queued one is cancelled (the owner counts it); a
+/// granted one gets its cancel-requested flag.
+pub fn cancel(region: &Region, id: u64) -> Result<CancelResult, CancelError> {
+    let (index, generation) = queue::split_id(id);
+    let rec = region
+        .tickets(index, 1)
+        .and_then(|t| t.first())
+        .ok_or(CancelError::NotFound(id))?;
+    for _ in 0..10_000 {
+        // Acquire pairs with the SeqCst transitions of the ticket.
+        let w = TicketWord::decode(rec.state.load(Ordering::Acquire));
+        if w.generation != generation {
+            return Err(CancelError::NotFound(id));
+        }
+        match w.state {
+            T_QUEUED => {
+                if queue::transition(rec, w, w.with(T_CANCELLED, 0)).is_ok() {
+                    queue::wake(rec);
+                    return Ok(CancelResult::Cancelled);
+                }
+            }
+            T_GRANTING => std::thread::yield_now(),
+            T_GRANTED => {
+                // Relaxed: a flag the holder polls; the wake below lets a
+                // holder that sleeps on its ticket notice at once.
+                rec.flags.fetch_or(FLAG_CANCEL_REQUESTED, Ordering::Relaxed);
+                queue::wake(rec);
+                return Ok(CancelResult::Requested);
+            }
+            s => {
+                return Err(CancelError::Final {
+                    id,
+                    state: crate::stats::state_name(s),
+                })
+            }
+        }
+    }
+    Err(CancelError::NotFound(id))
+}
