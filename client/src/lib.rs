@@ -27,6 +27,7 @@
 
 pub mod clock;
 pub mod map;
+mod policy;
 pub mod wait;
 
 use std::fmt;
@@ -106,26 +107,33 @@ impl fmt::Display for Lane {
 
 /// What a piece of work asks for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Request {
+pub struct Request<'k> {
     /// Units of cost: tokens and slots (default 1; 0 is a usage error).
     pub cost: u64,
     /// Priority lane (default interactive).
     pub lane: Lane,
-    /// Which attempt this is, 1 for the first (default 1).
+    /// Which attempt this is, 1 for the first (default 1). Retries draw on
+    /// the class's retry budget.
     pub attempt: u32,
+    /// Tenant key, required by classes with `tenants = true`.
+    pub tenant: Option<&'k str>,
+    /// Accept a smaller grant: the largest cost admissible now.
+    pub allow_partial: bool,
 }
 
-impl Default for Request {
+impl Default for Request<'_> {
     fn default() -> Self {
         Self {
             cost: 1,
             lane: Lane::Interactive,
             attempt: 1,
+            tenant: None,
+            allow_partial: false,
         }
     }
 }
 
-impl Request {
+impl<'k> Request<'k> {
     /// Cost 1, lane interactive, first attempt.
     pub fn new() -> Self {
         Self::default()
@@ -146,6 +154,19 @@ impl Request {
     /// Set the attempt number (1 = first).
     pub fn attempt(mut self, attempt: u32) -> Self {
         self.attempt = attempt;
+        self
+    }
+
+    /// Set the tenant key.
+    pub fn tenant(mut self, key: &'k str) -> Self {
+        self.tenant = Some(key);
+        self
+    }
+
+    /// Accept a partial grant (the largest cost admissible now, see
+    /// [`Permit::cost`]).
+    pub fn allow_partial(mut self, yes: bool) -> Self {
+        self.allow_partial = yes;
         self
     }
 }
@@ -263,6 +284,17 @@ pub enum AcquireError {
     ClassGone {
         /// Its name.
         name: String,
+    },
+    /// The class requires a tenant key and the request has none.
+    #[error("this class has tenants = true: every request must carry a tenant key")]
+    TenantRequired,
+    /// The tenant key is empty or too long.
+    #[error("tenant key of {len} bytes: it must be 1 to {max} bytes")]
+    BadTenant {
+        /// Its length.
+        len: usize,
+        /// The longest allowed.
+        max: usize,
     },
     /// The region's class record is unusable (corrupt).
     #[error("class {name:?} record is corrupt: {what}")]
@@ -490,7 +522,7 @@ impl<'c> ClassHandle<'c> {
     /// itself when it needs nothing more (fail-open, draining).
     pub(crate) fn context(
         &self,
-        req: &Request,
+        req: &Request<'_>,
     ) -> Result<Result<Ctx<'_>, Decision<'_>>, AcquireError> {
         if req.cost == 0 {
             return Err(AcquireError::ZeroCost);
@@ -550,12 +582,18 @@ impl<'c> ClassHandle<'c> {
     /// Decide now: admitted with a permit, or refused with a reason. Never
     /// waits, and never overtakes a waiting ticket of its lane or a higher
     /// one.
-    pub fn try_acquire(&self, req: &Request) -> Result<Decision<'_>, AcquireError> {
+    pub fn try_acquire(&self, req: &Request<'_>) -> Result<Decision<'_>, AcquireError> {
         let ctx = match self.context(req)? {
             Ok(ctx) => ctx,
             Err(decision) => return Ok(decision),
         };
         let lane = req.lane.index();
+        // Relaxed: class policy bits, written by the daemon; a request
+        // racing a pause may still be decided as before it.
+        let flags = ctx.rec.flags.load(Ordering::Relaxed);
+        if flags & policy::POLICY_FLAGS != 0 || req.allow_partial || req.tenant.is_some() {
+            return self.try_acquire_policy(&ctx, req, flags);
+        }
         // Relaxed: a hint on the fast path. Missing a ticket published a
         // moment ago only lets this request in first, as if it came first;
         // no wake-up depends on this load (see `Permit::release_slots`).
@@ -594,6 +632,7 @@ impl<'c> ClassHandle<'c> {
                     cost: req.cost,
                     degraded,
                     ticket: None,
+                    deps: [0; 4],
                     released: false,
                 }))
             }
@@ -610,9 +649,87 @@ impl<'c> ClassHandle<'c> {
         }
     }
 
+    /// `try_acquire` for a class with policy (pause, dependencies, tenants,
+    /// retry budget) or a request with a tenant or a partial grant.
+    fn try_acquire_policy<'s>(
+        &'s self,
+        ctx: &Ctx<'s>,
+        req: &Request<'_>,
+        flags: u32,
+    ) -> Result<Decision<'s>, AcquireError> {
+        let now_ns = clock::monotonic_ns();
+        let taken = match policy::gates(ctx, req, flags, now_ns, false)? {
+            policy::Gates::Go(t) => t,
+            policy::Gates::Refuse(r) => {
+                return Ok(self.refuse(ctx.counts, r.reason, r.retry_after, r.largest_cost))
+            }
+            policy::Gates::Hold(t) => {
+                policy::give_back(ctx, &t);
+                return Ok(self.refuse(ctx.counts, Reason::NotNow, None, None));
+            }
+        };
+        let lane = req.lane.index();
+        // Relaxed: see `try_acquire`.
+        let waiting = ctx.rec.waiters.value.load(Ordering::Relaxed) & queue::bits_at_or_above(lane);
+        if waiting != 0 {
+            self.help(ctx, now_ns);
+            // SeqCst: see `behind_waiters`.
+            if ctx.rec.waiters.value.load(Ordering::SeqCst) & queue::bits_at_or_above(lane) != 0 {
+                policy::give_back(ctx, &taken);
+                return Ok(self.refuse(ctx.counts, Reason::NotNow, None, None));
+            }
+        }
+        let seq = if taken.cost <= INLINE_SLOTS as u64 {
+            POSITIONAL_SEQ
+        } else {
+            unique_seq(ctx.attached)
+        };
+        let tag = ctx.attached.owner.tag(seq);
+        let ask = Ask {
+            cost: taken.cost,
+            lane,
+        };
+        let now = ctx.now_units_at(now_ns);
+        match admit::decide(&ctx.params, &ctx.rec.tat.value, ctx.slots, ask, now, tag) {
+            Admission::Admitted { slots, degraded } => {
+                policy::after_admit(ctx, req.attempt, &taken, now_ns);
+                if let Some(c) = ctx.counts {
+                    counters::bump(&c.counts[counters::ADMITTED], 1);
+                    if degraded {
+                        counters::bump(&c.counts[counters::DEGRADED], 1);
+                    }
+                }
+                Ok(Decision::Admitted(Permit {
+                    handle: self,
+                    words: ctx.slots,
+                    grant: slots,
+                    tag,
+                    cost: taken.cost,
+                    degraded,
+                    ticket: None,
+                    deps: deps_of(ctx),
+                    released: false,
+                }))
+            }
+            Admission::Refused {
+                reason,
+                retry_after_ns,
+                largest,
+            } => {
+                policy::give_back(ctx, &taken);
+                Ok(self.refuse(
+                    ctx.counts,
+                    reason,
+                    retry_after_ns.map(Duration::from_nanos),
+                    largest,
+                ))
+            }
+        }
+    }
+
     /// Tickets wait ahead of this request: help them along, then refuse
     /// unless the queue emptied (never overtake).
-    fn behind_waiters(&self, ctx: &Ctx<'_>, req: &Request) -> Decision<'_> {
+    fn behind_waiters(&self, ctx: &Ctx<'_>, req: &Request<'_>) -> Decision<'_> {
         let lane = req.lane.index();
         let largest = ctx.params.largest_cost(lane);
         if req.cost > largest {
@@ -685,8 +802,19 @@ impl<'a> Ctx<'a> {
             waiters: &self.rec.waiters.value,
             // Relaxed: a config value.
             age_after_ns: self.rec.age_after_ns.load(Ordering::Relaxed),
+            held: policy::held(self),
         }
     }
+}
+
+/// The dependencies of the class in `ctx` (index + 1 each, 0 = none).
+fn deps_of(ctx: &Ctx<'_>) -> [u32; 4] {
+    let mut out = [0; 4];
+    for (o, d) in out.iter_mut().zip(ctx.rec.deps.iter()) {
+        // Relaxed: a config value.
+        *o = d.load(Ordering::Relaxed);
+    }
+    out
 }
 
 /// The bucket of the wait-time histogram for a wait of `us` microseconds:
@@ -739,6 +867,8 @@ pub struct Permit<'a> {
     degraded: bool,
     /// `(index, generation)` of the ticket, for permits from `acquire`.
     ticket: Option<(u32, u32)>,
+    /// Dependencies (index + 1) whose breakers hear this work's outcome.
+    deps: [u32; 4],
     released: bool,
 }
 
@@ -765,27 +895,28 @@ impl<'a> Permit<'a> {
             cost,
             degraded: false,
             ticket: None,
+            deps: [0; 4],
             released: true,
         }
     }
 
     pub(crate) fn from_ticket(
         handle: &'a ClassHandle<'a>,
-        words: &'a [AtomicU64],
+        ctx: &Ctx<'a>,
         tag: u64,
         cost: u64,
         degraded: bool,
-        index: u32,
-        generation: u32,
+        ticket: (u32, u32),
     ) -> Self {
         Self {
             handle,
-            words,
+            words: ctx.slots,
             grant: SlotGrant::default(),
             tag,
             cost,
             degraded,
-            ticket: Some((index, generation)),
+            ticket: Some(ticket),
+            deps: deps_of(ctx),
             released: false,
         }
     }
@@ -829,9 +960,23 @@ impl<'a> Permit<'a> {
         self.release_slots();
     }
 
-    /// Release, reporting how the work ended (counted per class).
+    /// Release, reporting how the work ended: counted per class, and heard
+    /// by the circuit breakers of the class's dependencies (failed is a
+    /// failure; completed and partial are successes; cancelled is neither).
     pub fn release_with(mut self, outcome: WorkOutcome) {
         if let Some(a) = &self.handle.client.attached {
+            let success = match outcome {
+                WorkOutcome::Completed | WorkOutcome::Partial(_) => Some(true),
+                WorkOutcome::Failed => Some(false),
+                WorkOutcome::Cancelled => None,
+            };
+            if let Some(ok) = success {
+                for &d in &self.deps {
+                    if let Some(dep) = d.checked_sub(1).and_then(|i| a.map.region().dep(i)) {
+                        sluice_shm_layout::breaker::report(dep, ok);
+                    }
+                }
+            }
             if let Some(c) = a.map.region().counters(a.owner.index, self.handle.index) {
                 let which = match outcome {
                     WorkOutcome::Completed => counters::OUTCOME_COMPLETED,

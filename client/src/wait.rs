@@ -19,7 +19,7 @@ use sluice_shm_layout::queue::{
 };
 use sluice_shm_layout::sync::{futex_wait, Ordering};
 
-use crate::{clock, AcquireError, ClassHandle, Ctx, Permit, Refusal, Request};
+use crate::{clock, policy, AcquireError, ClassHandle, Ctx, Permit, Refusal, Request};
 
 /// Longest a waiter sleeps before it looks again by itself (it is normally
 /// woken at once; this bounds the delay if a granter died mid-grant).
@@ -118,6 +118,10 @@ pub struct Ticket<'a> {
     deadline_ns: u64,
     enqueued_ns: u64,
     done: bool,
+    /// What the policy checks took for this request (charged on grant,
+    /// given back on cancel or expiry).
+    taken: policy::Taken,
+    attempt: u32,
 }
 
 impl fmt::Debug for Ticket<'_> {
@@ -132,7 +136,11 @@ impl fmt::Debug for Ticket<'_> {
 impl<'c> ClassHandle<'c> {
     /// Wait up to `max_wait` (capped by the class's `max_wait`) for a
     /// permit. A zero `max_wait` never queues.
-    pub fn acquire(&self, req: &Request, max_wait: Duration) -> Result<Outcome<'_>, AcquireError> {
+    pub fn acquire(
+        &self,
+        req: &Request<'_>,
+        max_wait: Duration,
+    ) -> Result<Outcome<'_>, AcquireError> {
         match self.enqueue(req, max_wait)? {
             Enqueued::Done(o) => Ok(o),
             Enqueued::Queued(t) => Ok(t.wait()),
@@ -140,22 +148,17 @@ impl<'c> ClassHandle<'c> {
     }
 
     /// Decide now, or take a ticket in the queue of the request's lane.
-    pub fn enqueue(&self, req: &Request, max_wait: Duration) -> Result<Enqueued<'_>, AcquireError> {
+    pub fn enqueue(
+        &self,
+        req: &Request<'_>,
+        max_wait: Duration,
+    ) -> Result<Enqueued<'_>, AcquireError> {
         let ctx = match self.context(req)? {
             Ok(ctx) => ctx,
             Err(decision) => return Ok(Enqueued::Done(decision.into())),
         };
         let now_ns = clock::monotonic_ns();
         let lane = req.lane.index();
-        let largest = ctx.params.largest_cost(lane);
-        if req.cost > largest {
-            return Ok(done_refused(self.refuse(
-                ctx.counts,
-                Reason::SmallerScope,
-                None,
-                Some(largest),
-            )));
-        }
         let mut wait_ns = u64::try_from(max_wait.as_nanos()).unwrap_or(u64::MAX);
         // Relaxed: a config value, clamped below.
         let cap = ctx.rec.max_wait_ns.load(Ordering::Relaxed);
@@ -163,14 +166,49 @@ impl<'c> ClassHandle<'c> {
             wait_ns = wait_ns.min(cap);
         }
         let deadline_ns = now_ns.saturating_add(wait_ns);
+        // Relaxed: class policy bits; see `try_acquire`.
+        let flags = ctx.rec.flags.load(Ordering::Relaxed);
+        let mut taken = policy::Taken {
+            cost: req.cost,
+            ..policy::Taken::default()
+        };
+        let mut held = false;
+        if flags & policy::POLICY_FLAGS != 0 || req.allow_partial || req.tenant.is_some() {
+            match policy::gates(&ctx, req, flags, now_ns, wait_ns > 0)? {
+                policy::Gates::Go(t) => taken = t,
+                policy::Gates::Refuse(r) => {
+                    return Ok(done_refused(self.refuse(
+                        ctx.counts,
+                        r.reason,
+                        r.retry_after,
+                        r.largest_cost,
+                    )))
+                }
+                policy::Gates::Hold(t) => {
+                    taken = t;
+                    held = true;
+                }
+            }
+        } else {
+            let largest = ctx.params.largest_cost(lane);
+            if req.cost > largest {
+                return Ok(done_refused(self.refuse(
+                    ctx.counts,
+                    Reason::SmallerScope,
+                    None,
+                    Some(largest),
+                )));
+            }
+        }
+        let cost = taken.cost;
 
         let per_lane = ctx.lane_len;
         let range = lane * per_lane..(lane + 1) * per_lane;
         let pool = 4 * per_lane..ctx.tickets.len();
         // SeqCst: pairs with the enqueuers' SeqCst bit sets (no barging
         // past a ticket published before we looked).
-        let ahead =
-            ctx.rec.waiters.value.load(Ordering::SeqCst) & queue::bits_at_or_above(lane) != 0;
+        let ahead = held
+            || ctx.rec.waiters.value.load(Ordering::SeqCst) & queue::bits_at_or_above(lane) != 0;
         if ahead {
             self.help(&ctx, now_ns);
         }
@@ -182,11 +220,9 @@ impl<'c> ClassHandle<'c> {
             match queue::claim(&ctx.tickets[pool.clone()], pool.start as u32, me) {
                 Some((index, generation)) => {
                     let (rec, ticket, claimed, tag) =
-                        self.fill(&ctx, index, generation, req, now_ns, deadline_ns);
-                    let ask = Ask {
-                        cost: req.cost,
-                        lane,
-                    };
+                        self.fill(&ctx, index, generation, req, cost, now_ns, deadline_ns);
+                    let ticket = ticket.with_policy(taken, req.attempt);
+                    let ask = Ask { cost, lane };
                     let now_units = ctx.now_units();
                     let verdict = admit::decide(
                         &ctx.params,
@@ -202,6 +238,7 @@ impl<'c> ClassHandle<'c> {
                             // Relaxed: published by the transition below.
                             rec.flags.store(flags, Ordering::Relaxed);
                             if queue::transition(rec, claimed, claimed.with(T_GRANTED, 0)).is_ok() {
+                                policy::after_admit(&ctx, req.attempt, &taken, now_ns);
                                 return Ok(Enqueued::Done(Outcome::Admitted(
                                     ticket.into_permit(&ctx, degraded, false),
                                 )));
@@ -222,6 +259,7 @@ impl<'c> ClassHandle<'c> {
                             let mut t = ticket;
                             t.done = true;
                             if reason != Reason::NotNow || wait_ns == 0 {
+                                policy::give_back(&ctx, &taken);
                                 let retry = retry_after_ns.map(Duration::from_nanos);
                                 return Ok(done_refused(
                                     self.refuse(ctx.counts, reason, retry, largest),
@@ -241,6 +279,7 @@ impl<'c> ClassHandle<'c> {
                 }
             }
         } else if wait_ns == 0 {
+            policy::give_back(&ctx, &taken);
             return Ok(done_refused(self.refuse(
                 ctx.counts,
                 Reason::NotNow,
@@ -253,6 +292,7 @@ impl<'c> ClassHandle<'c> {
         let Some((index, generation)) =
             queue::claim(&ctx.tickets[range.clone()], range.start as u32, me)
         else {
+            policy::give_back(&ctx, &taken);
             return Ok(done_refused(self.refuse(
                 ctx.counts,
                 Reason::QueueFull,
@@ -261,7 +301,8 @@ impl<'c> ClassHandle<'c> {
             )));
         };
         let (rec, ticket, claimed, _) =
-            self.fill(&ctx, index, generation, req, now_ns, deadline_ns);
+            self.fill(&ctx, index, generation, req, cost, now_ns, deadline_ns);
+        let ticket = ticket.with_policy(taken, req.attempt);
         let global = ctx.ticket_base + index;
 
         // Queue: sequence number, waiters bit, publish, bound, bit again.
@@ -318,12 +359,14 @@ impl<'c> ClassHandle<'c> {
 
     /// Fill in a claimed record. Returns it, its ticket, its claimed state
     /// word and its slot tag.
+    #[allow(clippy::too_many_arguments)]
     fn fill<'s, 'x>(
         &'s self,
         ctx: &'x Ctx<'s>,
         index: u32,
         generation: u32,
-        req: &Request,
+        req: &Request<'_>,
+        cost: u64,
         now_ns: u64,
         deadline_ns: u64,
     ) -> (&'x TicketRecord, Ticket<'s>, TicketWord, u64) {
@@ -333,7 +376,7 @@ impl<'c> ClassHandle<'c> {
         let tag = ctx.attached.owner.tag(TICKET_TAG_BIT | global);
         // Relaxed: published by the SeqCst transition to QUEUED or GRANTED.
         rec.tag.store(tag, Ordering::Relaxed);
-        rec.cost.store(req.cost, Ordering::Relaxed);
+        rec.cost.store(cost, Ordering::Relaxed);
         rec.lane.store(req.lane.index() as u32, Ordering::Relaxed);
         rec.enqueued_ns.store(now_ns, Ordering::Relaxed);
         rec.deadline_ns.store(deadline_ns, Ordering::Relaxed);
@@ -353,6 +396,8 @@ impl<'c> ClassHandle<'c> {
             deadline_ns,
             enqueued_ns: now_ns,
             done: false,
+            taken: policy::Taken::default(),
+            attempt: 1,
         };
         (rec, ticket, claimed, tag)
     }
@@ -409,6 +454,12 @@ fn free_terminal(rec: &TicketRecord, word: TicketWord) {
 }
 
 impl<'a> Ticket<'a> {
+    fn with_policy(mut self, taken: policy::Taken, attempt: u32) -> Self {
+        self.taken = taken;
+        self.attempt = attempt;
+        self
+    }
+
     /// The ticket's id, as `sluice tickets` and `sluice cancel` show it.
     pub fn id(&self) -> u64 {
         ticket_id(self.index, self.generation)
@@ -492,6 +543,7 @@ impl<'a> Ticket<'a> {
                     self.done = true;
                     free_terminal(rec, w);
                     self.handle.count(&ctx, counters::CANCELLED);
+                    policy::give_back(&ctx, &self.taken);
                     return Outcome::Cancelled { ticket: self.id() };
                 }
                 T_EXPIRED => {
@@ -511,6 +563,7 @@ impl<'a> Ticket<'a> {
                         return d.into();
                     }
                     self.handle.count(&ctx, counters::EXPIRED);
+                    policy::give_back(&ctx, &self.taken);
                     return Outcome::Expired(self.expiry(false, None));
                 }
                 T_QUEUED | T_GRANTING => {}
@@ -529,6 +582,7 @@ impl<'a> Ticket<'a> {
                     self.done = true;
                     free_terminal(rec, w.with(T_EXPIRED, 0));
                     self.handle.count(&ctx, counters::EXPIRED);
+                    policy::give_back(&ctx, &self.taken);
                     return Outcome::Expired(self.expiry(false, eta));
                 }
                 continue;
@@ -582,6 +636,7 @@ impl<'a> Ticket<'a> {
                         self.done = true;
                         free_terminal(rec, w.with(T_CANCELLED, 0));
                         self.handle.count(&ctx, counters::CANCELLED);
+                        policy::give_back(&ctx, &self.taken);
                         return Outcome::Cancelled { ticket: self.id() };
                     }
                 }
@@ -607,6 +662,7 @@ impl<'a> Ticket<'a> {
                 h.fetch_add(1, Ordering::Relaxed);
             }
         }
+        policy::after_admit(ctx, self.attempt, &self.taken, clock::monotonic_ns());
         let t = Ticket { done: true, ..self };
         Outcome::Admitted(t.into_permit(ctx, degraded, from_queue))
     }
@@ -628,12 +684,11 @@ impl<'a> Ticket<'a> {
         }
         Permit::from_ticket(
             self.handle,
-            ctx.slots,
+            ctx,
             tag,
             cost,
             degraded,
-            self.index,
-            self.generation,
+            (self.index, self.generation),
         )
     }
 

@@ -77,13 +77,18 @@ rate = 100                 # tokens per second
 burst = 20                 # how many may arrive at once
 max_in_flight = 4          # slots: how many may run at the same time
 
-# `reports`: rate only, no slot limit. 5 a second with a burst of 2; one
-# more beyond the burst is admitted but marked degraded (serve the cheaper
-# result).
+# `reports`: rate only, no slot limit. 5 a second with a burst of 5; two
+# more beyond the burst are admitted but marked degraded (serve the cheaper
+# result). No report may cost more than 7: a bigger one is refused
+# `smaller_scope` at once, since it could never fit. Retries (--attempt 2
+# and up) spend a retry budget of 2 that each first attempt refills by 0.1.
 [classes.reports]
 rate = 5
-burst = 2
-excess_burst = 1
+burst = 5
+excess_burst = 2
+max_cost = 7
+retry_ratio = 0.1
+retry_burst = 2
 
 # `imports`: two at a time. Batch work may use only half of the slots, so
 # an interactive request always finds one free.
@@ -96,9 +101,47 @@ batch = 0.5
 
 # `one`: a mutex across processes, like flock. Try
 #   sluice run --class one -- sleep 5
-# in two terminals.
+# in two terminals, or queue behind it with --wait 10s.
 [classes.one]
 max_in_flight = 1
+
+# `reads`: work that needs the database `db`. While db's circuit breaker
+# is open (half of at least 5 reported outcomes failed in 10s, or
+# `sluice trip db`), reads are refused `dependency`.
+[classes.reads]
+max_in_flight = 8
+depends_on = ["db"]
+
+[dependencies.db]
+failure_ratio = 0.5
+window = "10s"
+min_requests = 5
+open_for = "5s"
+half_open_probes = 1
+
+# `api`: every request names its tenant (--tenant KEY); each tenant has its
+# tier's rate and daily quota. `acme` is on the trial tier: 3 a day.
+[classes.api]
+max_in_flight = 16
+tenants = true
+
+[tenants]
+default_tier = "free"
+
+[tenants.tiers.free]
+rate = 10
+burst = 5
+quota = 1000
+period = "1d"
+
+[tenants.tiers.trial]
+rate = 10
+burst = 3
+quota = 3
+period = "1d"
+
+[tenants.keys]
+acme = "trial"
 "#;
 
 /// The units [`parse_duration`] understands, with their length in nanoseconds.
@@ -1584,7 +1627,10 @@ acme = "paid"
         assert_eq!(config.region.group, None);
         assert_eq!(config.region.path, None);
         let names: Vec<&str> = config.classes.iter().map(|c| c.name.as_str()).collect();
-        assert_eq!(names, ["default", "reports", "imports", "one"]);
+        assert_eq!(
+            names,
+            ["default", "reports", "imports", "one", "reads", "api"]
+        );
 
         let default = class(&config, "default");
         assert_eq!(default.max_in_flight, Some(4));
@@ -1594,9 +1640,15 @@ acme = "paid"
         let reports = class(&config, "reports");
         assert_eq!(
             (reports.rate, reports.burst, reports.excess_burst),
-            (Some(5.0), 2, 1)
+            (Some(5.0), 5, 2)
         );
         assert_eq!(reports.max_in_flight, None);
+        assert_eq!(reports.max_cost, Some(7));
+        assert_eq!(reports.retry_burst, Some(2));
+        assert_eq!(class(&config, "reads").depends_on, ["db"]);
+        assert!(class(&config, "api").tenants);
+        let tenants = config.tenants.as_ref().expect("the default has tenants");
+        assert_eq!(tenants.keys, [("acme".to_string(), "trial".to_string())]);
 
         let imports = class(&config, "imports");
         assert_eq!(imports.max_in_flight, Some(2));

@@ -136,6 +136,8 @@ pub fn run(mut config: Config, opts: Options) -> Result<(), DaemonError> {
 
     let mut watcher = Watcher::default();
     let mut rates = crate::maintain::RateSampler::default();
+    let mut last_seed = Instant::now();
+    let mut breakers = crate::maintain::Breakers::default();
     let mut drain_deadline: Option<Instant> = None;
     loop {
         let region = owned.region();
@@ -147,7 +149,12 @@ pub fn run(mut config: Config, opts: Options) -> Result<(), DaemonError> {
         for r in watcher.scan(region) {
             log_retired(&r);
         }
+        if last_seed.elapsed() >= Duration::from_secs(1) {
+            last_seed = Instant::now();
+            region::seed_tenant_keys(region, &config, &region::tier_names(&config));
+        }
         rates.sample(region);
+        breakers.tick(region);
         crate::maintain::dispatch_all(region);
         crate::reclaim::expire_verifying(region);
 
@@ -228,9 +235,46 @@ fn answer(
                 Err(e) => json!({"ok": false, "error": e.to_string()}),
             }
         }
+        Some(cmd @ ("pause" | "resume")) => {
+            let Some(name) = req.get("class").and_then(|c| c.as_str()) else {
+                return json!({"ok": false, "error": format!("{cmd} needs a \"class\"")});
+            };
+            match crate::maintain::set_paused(owned.region(), name, cmd == "pause") {
+                Ok(was) => {
+                    tracing::info!(
+                        class = name,
+                        action = cmd,
+                        was_paused = was,
+                        peer_pid = peer.pid,
+                        peer_uid = peer.uid,
+                        "operator {cmd}"
+                    );
+                    json!({"ok": true, "class": name, "was_paused": was})
+                }
+                Err(e) => json!({"ok": false, "error": e}),
+            }
+        }
+        Some(cmd @ ("trip" | "heal")) => {
+            let Some(name) = req.get("dependency").and_then(|c| c.as_str()) else {
+                return json!({"ok": false, "error": format!("{cmd} needs a \"dependency\"")});
+            };
+            match crate::maintain::set_tripped(owned.region(), name, cmd == "trip") {
+                Ok(()) => {
+                    tracing::info!(
+                        dependency = name,
+                        action = cmd,
+                        peer_pid = peer.pid,
+                        peer_uid = peer.uid,
+                        "operator {cmd}"
+                    );
+                    json!({"ok": true, "dependency": name})
+                }
+                Err(e) => json!({"ok": false, "error": e}),
+            }
+        }
         Some(other) => json!({
             "ok": false,
-            "error": format!("unknown command {other:?}: this sluiced knows ping and cancel")
+            "error": format!("unknown command {other:?}: this sluiced knows ping, cancel, pause, resume, trip and heal")
         }),
         None => json!({"ok": false, "error": "request has no \"cmd\""}),
     }

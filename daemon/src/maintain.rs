@@ -128,6 +128,7 @@ pub fn dispatch_all(region: &Region) -> u32 {
             tickets,
             waiters: &rec.waiters.value,
             age_after_ns: rec.age_after_ns.load(Ordering::Relaxed),
+            held: class_held(region, rec),
         };
         granted += queue::dispatch(&view, DAEMON_GRANTER, now_ns, now_units).1;
     }
@@ -197,4 +198,106 @@ pub fn cancel(region: &Region, id: u64) -> Result<CancelResult, CancelError> {
         }
     }
     Err(CancelError::NotFound(id))
+}
+
+/// Pause or resume class `name`. Returns whether it was paused before.
+pub fn set_paused(region: &Region, name: &str, paused: bool) -> Result<bool, String> {
+    let idx = crate::region::find_class(region, name)
+        .ok_or_else(|| format!("no class {name:?}: see `sluice stats` for the classes"))?;
+    let rec = region.class(idx).ok_or("class index")?;
+    let bit = sluice_shm_layout::layout::CLASS_PAUSED;
+    // SeqCst: a resume must be ordered before the dispatch that follows it,
+    // which reads the flag (Relaxed) after its own SeqCst operations.
+    let before = if paused {
+        rec.flags.fetch_or(bit, Ordering::SeqCst)
+    } else {
+        rec.flags.fetch_and(!bit, Ordering::SeqCst)
+    };
+    if !paused {
+        dispatch_all(region);
+    }
+    Ok(before & bit != 0)
+}
+
+/// Trip (open by hand, no retry-after) or heal (close) dependency `name`.
+pub fn set_tripped(region: &Region, name: &str, trip: bool) -> Result<(), String> {
+    let idx = crate::region::find_dep(region, name).ok_or_else(|| {
+        format!("no dependency {name:?}: see `sluice stats` for the dependencies")
+    })?;
+    let dep = region.dep(idx).ok_or("dependency index")?;
+    if trip {
+        sluice_shm_layout::breaker::trip(dep);
+    } else {
+        sluice_shm_layout::breaker::heal(dep);
+        dispatch_all(region);
+    }
+    Ok(())
+}
+
+/// The daemon's side of the circuit breakers: windows and transitions.
+#[derive(Default)]
+pub struct Breakers {
+    window_start: HashMap<u32, u64>,
+}
+
+impl Breakers {
+    /// Evaluate every configured breaker once.
+    pub fn tick(&mut self, region: &Region) {
+        use sluice_shm_layout::breaker::{evaluate, Transition};
+        let now = monotonic_ns();
+        for i in 0..sluice_shm_layout::layout::DEPS {
+            let Some(dep) = region.dep(i) else { break };
+            let Some(name) = dep.name().filter(|n| !n.is_empty()) else {
+                self.window_start.remove(&i);
+                continue;
+            };
+            let start = *self.window_start.entry(i).or_insert(now);
+            let t = evaluate(dep, now, start);
+            match t {
+                Transition::None => {}
+                Transition::WindowReset => {
+                    self.window_start.insert(i, now);
+                }
+                Transition::Opened { failures, total } => {
+                    self.window_start.insert(i, now);
+                    tracing::warn!(dependency = %name, failures, total, "breaker opened");
+                }
+                Transition::HalfOpen => {
+                    self.window_start.insert(i, now);
+                    tracing::info!(dependency = %name, "breaker half-open: probing");
+                    dispatch_all(region);
+                }
+                Transition::Closed => {
+                    self.window_start.insert(i, now);
+                    tracing::info!(dependency = %name, "breaker closed");
+                    dispatch_all(region);
+                }
+                Transition::Reopened => {
+                    self.window_start.insert(i, now);
+                    tracing::warn!(dependency = %name, "breaker reopened: a probe failed or was lost");
+                }
+            }
+        }
+    }
+}
+
+/// True when class `rec` may grant nothing now: paused, or a dependency
+/// open.
+pub fn class_held(region: &Region, rec: &sluice_shm_layout::layout::ClassRecord) -> bool {
+    // Relaxed: policy bits and breaker modes, read as hints.
+    let flags = rec.flags.load(Ordering::Relaxed);
+    if flags & sluice_shm_layout::layout::CLASS_PAUSED != 0 {
+        return true;
+    }
+    rec.deps.iter().any(|d| {
+        d.load(Ordering::Relaxed)
+            .checked_sub(1)
+            .and_then(|i| region.dep(i))
+            .is_some_and(|dep| {
+                let w = sluice_shm_layout::breaker::BreakerWord::decode(
+                    dep.state.load(Ordering::Relaxed),
+                );
+                w.mode == sluice_shm_layout::breaker::OPEN
+            })
+    })
 }

@@ -21,11 +21,15 @@ use sluice_shm_layout::layout::{
     self, Capacities, ClassRecord, Geometry, Region, CLASS_ACTIVE, CLASS_FREE, CLASS_REMOVED,
     HEADER_SIZE,
 };
+use sluice_shm_layout::layout::{
+    CLASS_HAS_DEPS, CLASS_ON_DEP_QUEUE, CLASS_ON_PAUSED_QUEUE, CLASS_PAUSED, CLASS_RETRY_BUDGET,
+    CLASS_TENANTS, DEPS, TENANTS_ON_FULL_SHARED, TIERS,
+};
 use sluice_shm_layout::queue::{TicketWord, T_FREE};
-use sluice_shm_layout::slots;
 use sluice_shm_layout::sync::Ordering;
+use sluice_shm_layout::{breaker, retry, slots};
 
-use crate::config::{ClassConfig, Config};
+use crate::config::{ClassConfig, Config, QueuePolicy};
 
 /// Why the daemon could not set up its region.
 #[derive(Debug, thiserror::Error)]
@@ -196,11 +200,13 @@ pub fn lock_held(file: &File) -> io::Result<bool> {
 /// Capacities from the config.
 pub fn capacities(config: &Config) -> Capacities {
     let c = &config.daemon.capacity;
+    let tenants = config.tenants.as_ref().map(|t| t.capacity).unwrap_or(4096);
     Capacities {
         classes: c.classes,
         clients: c.clients,
         slots: c.slots,
         tickets: c.tickets,
+        tenants: tenants.max(8).next_power_of_two(),
     }
 }
 
@@ -284,6 +290,28 @@ pub fn open_region(path: &Path, config: &Config, now_ns: u64) -> Result<OwnedReg
         RegionMap::from_parts(region, mm, reopened, path.to_path_buf())
     };
     let owned = OwnedRegion { map, created };
+    if created {
+        // A random key for the tenant-key hash, so nobody can aim keys at
+        // one set of the tenant table.
+        let mut key = [0u8; 16];
+        // SAFETY: getrandom writes at most `key.len()` bytes into `key`.
+        let n = unsafe { libc::getrandom(key.as_mut_ptr().cast(), key.len(), 0) };
+        if n != key.len() as isize {
+            let t = fresh_generation(now_ns);
+            key[..8].copy_from_slice(&t.to_le_bytes());
+            key[8..].copy_from_slice(&t.rotate_left(29).to_le_bytes());
+        }
+        let h = owned.region().header();
+        let (a, b) = key.split_at(8);
+        let word = |x: &[u8]| {
+            let mut w = [0u8; 8];
+            w.copy_from_slice(x);
+            u64::from_le_bytes(w)
+        };
+        // Relaxed: published by `publish` below.
+        h.tenant_k0.store(word(a), Ordering::Relaxed);
+        h.tenant_k1.store(word(b), Ordering::Relaxed);
+    }
     // The lock lives on `file`'s open file description; keep it open for
     // the daemon's life by leaking the descriptor into the process.
     std::mem::forget(file);
@@ -343,6 +371,9 @@ fn slot_range(rec: &ClassRecord) -> (u32, u32) {
 pub fn apply_classes(region: &Region, config: &Config, now_ns: u64) -> Result<(), RegionError> {
     let _ = now_ns;
     let cap = region.geometry().caps.classes;
+    let tiers = plan_tiers(config)?;
+    let deps = apply_deps(region, config)?;
+    write_tiers(region, config, &tiers);
     // Validate everything first, so a bad reload changes nothing.
     let mut plans = Vec::with_capacity(config.classes.len());
     for class in &config.classes {
@@ -415,7 +446,7 @@ pub fn apply_classes(region: &Region, config: &Config, now_ns: u64) -> Result<()
                 let rec = region
                     .class(i)
                     .ok_or_else(|| RegionError::Config("class index".into()))?;
-                write_limits(rec, class, rate);
+                write_limits(rec, class, rate, &deps);
             }
             None => {
                 let want = class.max_in_flight.unwrap_or(0) as u32;
@@ -456,7 +487,12 @@ pub fn apply_classes(region: &Region, config: &Config, now_ns: u64) -> Result<()
                 }
                 rec.tat.value.store(0, Ordering::Relaxed);
                 rec.set_name(&class.name);
-                write_limits(rec, class, rate);
+                rec.flags.store(0, Ordering::Relaxed);
+                rec.retry_tokens.store(
+                    class.retry_burst.unwrap_or(0).saturating_mul(retry::UNIT),
+                    Ordering::Relaxed,
+                );
+                write_limits(rec, class, rate, &deps);
                 rec.generation.fetch_add(1, Ordering::Relaxed);
                 // Release pairs with the Acquire load of `state` in a client's
                 // lookup: name, limits and generation are visible with it.
@@ -467,7 +503,55 @@ pub fn apply_classes(region: &Region, config: &Config, now_ns: u64) -> Result<()
     Ok(())
 }
 
-fn write_limits(rec: &ClassRecord, class: &ClassConfig, rate: Option<RateParams>) {
+fn write_limits(
+    rec: &ClassRecord,
+    class: &ClassConfig,
+    rate: Option<RateParams>,
+    deps: &std::collections::HashMap<String, u32>,
+) {
+    // Policy bits; the pause bit is runtime state and survives a reload.
+    let mut bits = 0;
+    if class.on_paused == QueuePolicy::Queue {
+        bits |= CLASS_ON_PAUSED_QUEUE;
+    }
+    if class.on_dependency_down == QueuePolicy::Queue {
+        bits |= CLASS_ON_DEP_QUEUE;
+    }
+    if class.tenants {
+        bits |= CLASS_TENANTS;
+    }
+    if class.retry_burst.is_some() {
+        bits |= CLASS_RETRY_BUDGET;
+    }
+    if !class.depends_on.is_empty() {
+        bits |= CLASS_HAS_DEPS;
+    }
+    let mut dep_slots = [0u32; 4];
+    for (slot, name) in dep_slots.iter_mut().zip(&class.depends_on) {
+        *slot = deps.get(name).map(|i| i + 1).unwrap_or(0);
+    }
+    for (dst, v) in rec.deps.iter().zip(dep_slots) {
+        // Relaxed: config values, read with the flags.
+        dst.store(v, Ordering::Relaxed);
+    }
+    let burst = class.retry_burst.unwrap_or(0);
+    rec.retry_ratio_ppm
+        .store((class.retry_ratio * 1e6).round() as u64, Ordering::Relaxed);
+    rec.retry_burst.store(burst, Ordering::Relaxed);
+    // A smaller budget keeps what it had, trimmed to the new size.
+    let cap = burst.saturating_mul(retry::UNIT);
+    let _ = rec
+        .retry_tokens
+        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |t| {
+            (t > cap).then_some(cap)
+        });
+    // Relaxed: clients read the flags on each request; a request racing the
+    // update is decided by the old or the new policy.
+    let _ = rec
+        .flags
+        .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |f| {
+            Some((f & CLASS_PAUSED) | bits)
+        });
     let max = class.max_in_flight.unwrap_or(0) as u32;
     let soft = class.soft_in_flight.map(|s| s as u32).unwrap_or(max);
     let ceilings = class.lane_ceilings().unwrap_or([0; 4]);
@@ -586,4 +670,173 @@ pub fn tickets_needed(class: &ClassConfig) -> u32 {
     tickets_per_lane(class)
         .saturating_mul(4)
         .saturating_add(pool)
+}
+
+/// Tier names in config order (their record index), checked to fit.
+fn plan_tiers(config: &Config) -> Result<Vec<String>, RegionError> {
+    let Some(t) = &config.tenants else {
+        return Ok(Vec::new());
+    };
+    if t.tiers.len() > TIERS as usize {
+        return Err(RegionError::Config(format!(
+            "tenants.tiers has {} tiers; a region holds at most {TIERS}",
+            t.tiers.len()
+        )));
+    }
+    for tier in &t.tiers {
+        RateParams::new(tier.rate, tier.burst, 0)
+            .map_err(|e| RegionError::Config(format!("tenants.tiers.{}: {e}", tier.name)))?;
+    }
+    Ok(t.tiers.iter().map(|t| t.name.clone()).collect())
+}
+
+/// Write tiers and the tenant policy into the region.
+fn write_tiers(region: &Region, config: &Config, tiers: &[String]) {
+    let h = region.header();
+    let Some(t) = &config.tenants else { return };
+    for (i, tier) in t.tiers.iter().enumerate() {
+        let Some(rec) = region.tier(i as u32) else {
+            break;
+        };
+        let Ok(rate) = RateParams::new(tier.rate, tier.burst, 0) else {
+            continue;
+        };
+        let quota = match (tier.quota, tier.period) {
+            (Some(q), Some(p)) if q > 0 && !p.is_zero() => {
+                RateParams::new(q as f64 / p.as_secs_f64(), q, 0).ok()
+            }
+            _ => None,
+        };
+        // Relaxed: clients read tier params with the tenant record they
+        // found; a reload racing a request may mix old and new, each safe.
+        rec.rate_t.store(rate.t, Ordering::Relaxed);
+        rec.burst.store(rate.burst, Ordering::Relaxed);
+        rec.quota_t
+            .store(quota.map(|q| q.t).unwrap_or(0), Ordering::Relaxed);
+        rec.quota
+            .store(quota.map(|q| q.burst).unwrap_or(0), Ordering::Relaxed);
+        sluice_shm_layout::layout::write_name(&rec.name, &tier.name);
+    }
+    seed_tenant_keys(region, config, tiers);
+    let default = tiers.iter().position(|n| *n == t.default_tier).unwrap_or(0) as u32;
+    // Relaxed: policy values read by clients per request.
+    h.tenant_default_tier.store(default, Ordering::Relaxed);
+    h.tenant_idle_ns
+        .store(t.idle_after.as_nanos() as u64, Ordering::Relaxed);
+    let shared = t.on_full == crate::config::OnFull::Shared;
+    h.tenant_flags.store(
+        if shared { TENANTS_ON_FULL_SHARED } else { 0 },
+        Ordering::Relaxed,
+    );
+}
+
+/// Write the config's dependencies into the dependency table: existing ones
+/// (by name) keep their breaker state, new ones start closed, ones no longer
+/// configured are cleared. Returns name → record index.
+fn apply_deps(
+    region: &Region,
+    config: &Config,
+) -> Result<std::collections::HashMap<String, u32>, RegionError> {
+    let mut map = std::collections::HashMap::new();
+    if config.dependencies.len() > DEPS as usize {
+        return Err(RegionError::Config(format!(
+            "{} dependencies configured; a region holds at most {DEPS}",
+            config.dependencies.len()
+        )));
+    }
+    let name_of = |i: u32| region.dep(i).and_then(|d| d.name()).unwrap_or_default();
+    // Clear the ones no longer configured.
+    for i in 0..DEPS {
+        let n = name_of(i);
+        if !n.is_empty() && !config.dependencies.iter().any(|d| d.name == n) {
+            if let Some(d) = region.dep(i) {
+                breaker::heal(d);
+                sluice_shm_layout::layout::write_name(&d.name, "");
+            }
+        }
+    }
+    for dep in &config.dependencies {
+        let idx = (0..DEPS)
+            .find(|&i| name_of(i) == dep.name)
+            .or_else(|| (0..DEPS).find(|&i| name_of(i).is_empty()))
+            .ok_or_else(|| RegionError::Config("dependency table full".into()))?;
+        let Some(d) = region.dep(idx) else { continue };
+        let fresh = name_of(idx).is_empty();
+        // Relaxed: config values the daemon's breaker evaluation reads.
+        d.failure_ratio_ppm
+            .store((dep.failure_ratio * 1e6).round() as u64, Ordering::Relaxed);
+        d.window_ns
+            .store(dep.window.as_nanos() as u64, Ordering::Relaxed);
+        d.min_requests.store(dep.min_requests, Ordering::Relaxed);
+        d.half_open_probes
+            .store(dep.half_open_probes, Ordering::Relaxed);
+        d.open_for_ns
+            .store(dep.open_for.as_nanos() as u64, Ordering::Relaxed);
+        sluice_shm_layout::layout::write_name(&d.name, &dep.name);
+        if fresh {
+            breaker::heal(d);
+        }
+        map.insert(dep.name.clone(), idx);
+    }
+    Ok(map)
+}
+
+/// The index of the dependency named `name`.
+pub fn find_dep(region: &Region, name: &str) -> Option<u32> {
+    (0..DEPS).find(|&i| {
+        region
+            .dep(i)
+            .and_then(|d| d.name())
+            .is_some_and(|n| !n.is_empty() && n == name)
+    })
+}
+
+/// Put every key of `[tenants.keys]` in the tenant table with its tier (and
+/// put the tier right if a client inserted the key first with the default
+/// tier). Run at config apply and again by the maintenance loop, so a key
+/// evicted while idle comes back with its tier.
+pub fn seed_tenant_keys(region: &Region, config: &Config, tiers: &[String]) {
+    let Some(t) = &config.tenants else { return };
+    let h = region.header();
+    // Relaxed: written once at creation.
+    let (k0, k1) = (
+        h.tenant_k0.load(Ordering::Relaxed),
+        h.tenant_k1.load(Ordering::Relaxed),
+    );
+    let table = region.tenants();
+    let now = sluice_client::clock::monotonic_ns();
+    for (key, tier_name) in &t.keys {
+        let Some(tier) = tiers.iter().position(|n| n == tier_name) else {
+            continue;
+        };
+        let hash = sluice_shm_layout::tenants::key_hash(k0, k1, key.as_bytes());
+        let found = sluice_shm_layout::tenants::find_or_insert(
+            table,
+            hash,
+            key.as_bytes(),
+            tier as u32,
+            now,
+            crate::maintain::DAEMON_GRANTER,
+        );
+        match found {
+            Ok(i) => {
+                if let Some(rec) = table.get(i) {
+                    // Relaxed: clients read the tier per request.
+                    rec.tier.store(tier as u32, Ordering::Relaxed);
+                }
+            }
+            Err(_) => {
+                tracing::warn!(tenant = %key, "tenant table set full: configured key not seeded")
+            }
+        }
+    }
+}
+
+/// The tier names of a config, in record order.
+pub fn tier_names(config: &Config) -> Vec<String> {
+    config
+        .tenants
+        .as_ref()
+        .map(|t| t.tiers.iter().map(|x| x.name.clone()).collect())
+        .unwrap_or_default()
 }

@@ -78,6 +78,30 @@ pub struct ClassStats {
     pub wait_ms: WaitPercentiles,
     /// Outcomes reported on release.
     pub outcomes: BTreeMap<String, u64>,
+    /// Paused by its owner.
+    pub paused: bool,
+    /// Retry budget left (units), null without a budget.
+    pub retry_budget: Option<f64>,
+    /// Dependencies it waits on.
+    pub depends_on: Vec<String>,
+}
+
+/// One dependency's circuit breaker.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct DependencyStats {
+    /// Name.
+    pub name: String,
+    /// `closed`, `open` or `half_open`.
+    pub state: &'static str,
+    /// Tripped by hand (`sluice trip`).
+    pub manual: bool,
+    /// When an open breaker probes again, ms from now (null: by hand, or
+    /// not open).
+    pub retry_after_ms: Option<u64>,
+    /// Successes reported in the current window.
+    pub successes: u64,
+    /// Failures reported in the current window.
+    pub failures: u64,
 }
 
 /// Wait-time percentiles, from the region's log-linear histogram.
@@ -139,6 +163,8 @@ pub struct Snapshot {
     pub daemon: DaemonInfo,
     /// Active classes, in region order.
     pub classes: Vec<ClassStats>,
+    /// Configured dependencies.
+    pub dependencies: Vec<DependencyStats>,
 }
 
 impl Snapshot {
@@ -228,6 +254,18 @@ impl Snapshot {
             .map(|(n, k)| (n.to_string(), sums[*k]))
             .collect();
             let wait_ms = percentiles(rec);
+            let flags = rec.flags.load(Ordering::Relaxed);
+            let retry_budget =
+                (flags & sluice_shm_layout::layout::CLASS_RETRY_BUDGET != 0).then(|| {
+                    rec.retry_tokens.load(Ordering::Relaxed) as f64
+                        / sluice_shm_layout::retry::UNIT as f64
+                });
+            let depends_on = rec
+                .deps
+                .iter()
+                .filter_map(|d| d.load(Ordering::Relaxed).checked_sub(1))
+                .filter_map(|i| region.dep(i).and_then(|d| d.name()))
+                .collect();
             classes.push(ClassStats {
                 name,
                 in_flight,
@@ -255,9 +293,36 @@ impl Snapshot {
                 queued_by_lane,
                 wait_ms,
                 outcomes,
+                paused: flags & sluice_shm_layout::layout::CLASS_PAUSED != 0,
+                retry_budget,
+                depends_on,
             });
         }
-        Snapshot { daemon, classes }
+        let dependencies = (0..sluice_shm_layout::layout::DEPS)
+            .filter_map(|i| region.dep(i))
+            .filter_map(|d| {
+                let name = d.name().filter(|n| !n.is_empty())?;
+                let w = sluice_shm_layout::breaker::BreakerWord::decode(
+                    d.state.load(Ordering::Relaxed),
+                );
+                let until = d.open_until_ns.load(Ordering::Relaxed);
+                let open = w.mode == sluice_shm_layout::breaker::OPEN;
+                Some(DependencyStats {
+                    name,
+                    state: w.mode_name(),
+                    manual: w.manual,
+                    retry_after_ms: (open && !w.manual && until > 0)
+                        .then(|| until.saturating_sub(now) / 1_000_000),
+                    successes: d.successes.load(Ordering::Relaxed),
+                    failures: d.failures.load(Ordering::Relaxed),
+                })
+            })
+            .collect();
+        Snapshot {
+            daemon,
+            classes,
+            dependencies,
+        }
     }
 
     /// The class named `name`.
@@ -333,6 +398,9 @@ pub fn tickets(map: &RegionMap) -> Vec<TicketInfo> {
             .unwrap_or(&[]);
         let age = rec.age_after_ns.load(Ordering::Relaxed);
         let p = ClassParams::load(rec);
+        let paused =
+            rec.flags.load(Ordering::Relaxed) & sluice_shm_layout::layout::CLASS_PAUSED != 0;
+        let held = crate::maintain::class_held(region, rec);
         let in_flight = region
             .slots(
                 rec.slot_base.load(Ordering::Relaxed),
@@ -345,11 +413,18 @@ pub fn tickets(map: &RegionMap) -> Vec<TicketInfo> {
             if w.state == queue::T_FREE {
                 continue;
             }
-            let state = state_name(w.state);
+            let mut state = state_name(w.state);
+            if state == "queued" && held {
+                state = if paused {
+                    "paused_by_owner"
+                } else {
+                    "waiting_on_dependency"
+                };
+            }
             let lane = t.lane.load(Ordering::Relaxed);
             let enq = t.enqueued_ns.load(Ordering::Relaxed);
             let eff = queue::effective_lane(lane, enq, now, age);
-            let (position, eta_ms) = if state == "queued" {
+            let (position, eta_ms) = if state == "queued" || held && w.state == queue::T_QUEUED {
                 let (pos, cost_ahead) = queue::position(tickets, k, now, age).unwrap_or((1, 0));
                 let eta = queue::eta_ns(&queue::EtaInput {
                     rate: p.rate.as_ref(),

@@ -70,6 +70,35 @@ pub const PAGE: usize = 4096;
 /// Header `flags` bit: the daemon is draining; new work is refused.
 pub const FLAG_DRAINING: u32 = 1;
 
+/// `tenant_flags` bit: a full tenant table sends unknown keys to one shared
+/// overflow bucket instead of refusing them.
+pub const TENANTS_ON_FULL_SHARED: u32 = 1;
+
+/// Dependency records in every region.
+pub const DEPS: u32 = 64;
+/// Tier records in every region.
+pub const TIERS: u32 = 16;
+/// Bytes of one dependency record.
+pub const DEP_SIZE: usize = 128;
+/// Bytes of one tier record.
+pub const TIER_SIZE: usize = 64;
+/// Bytes of one tenant record.
+pub const TENANT_SIZE: usize = 128;
+
+/// Class `flags` bit: paused by its owner.
+pub const CLASS_PAUSED: u32 = 1;
+/// Class `flags` bit: paused work may wait (`on_paused = "queue"`).
+pub const CLASS_ON_PAUSED_QUEUE: u32 = 2;
+/// Class `flags` bit: work may wait for a dependency
+/// (`on_dependency_down = "queue"`).
+pub const CLASS_ON_DEP_QUEUE: u32 = 4;
+/// Class `flags` bit: requests must carry a tenant key.
+pub const CLASS_TENANTS: u32 = 8;
+/// Class `flags` bit: the class has a retry budget.
+pub const CLASS_RETRY_BUDGET: u32 = 16;
+/// Class `flags` bit: the class lists dependencies.
+pub const CLASS_HAS_DEPS: u32 = 32;
+
 /// The region header.
 #[repr(C, align(128))]
 pub struct Header {
@@ -115,14 +144,35 @@ pub struct Header {
     _pad0: AtomicU32,
     /// Byte offset of the ticket records.
     pub off_tickets: AtomicU64,
-    _reserved0: [AtomicU32; 2],
+    /// Tenant records.
+    pub cap_tenants: AtomicU32,
+    /// Dependency records.
+    pub cap_deps: AtomicU32,
     /// Line 1, written by the daemon often: its pid.
     pub daemon_pid: AtomicU32,
     _pad1: AtomicU32,
     /// CLOCK_MONOTONIC (ns) of the daemon's last heartbeat.
     pub heartbeat_ns: AtomicU64,
     _reserved1: [AtomicU64; 14],
-    _reserved2: [AtomicU64; 32],
+    /// Line 2, geometry of the policy tables: byte offset of the dependency
+    /// records.
+    pub off_deps: AtomicU64,
+    /// Byte offset of the tier records.
+    pub off_tiers: AtomicU64,
+    /// Byte offset of the tenant records.
+    pub off_tenants: AtomicU64,
+    /// Key of the tenant-key hash (SipHash), random per region, so nobody
+    /// can aim keys at one set of the table.
+    pub tenant_k0: AtomicU64,
+    /// Second half of that key.
+    pub tenant_k1: AtomicU64,
+    /// Tenant policy bits ([`TENANTS_ON_FULL_SHARED`]).
+    pub tenant_flags: AtomicU32,
+    /// Tier of keys not listed in the config.
+    pub tenant_default_tier: AtomicU32,
+    /// Keys unused this long may be evicted, ns.
+    pub tenant_idle_ns: AtomicU64,
+    _reserved2: [AtomicU64; 25],
 }
 
 /// Class record `state`: unused.
@@ -200,7 +250,14 @@ pub struct ClassRecord {
     /// for tickets granted without waiting.
     pub ticket_lane_len: AtomicU32,
     _pad_cfg: AtomicU32,
-    _reserved_cfg: [AtomicU64; 11],
+    /// Retry budget refill per admitted first attempt, in millionths of a
+    /// unit.
+    pub retry_ratio_ppm: AtomicU64,
+    /// Retry budget capacity, whole units.
+    pub retry_burst: AtomicU64,
+    /// Dependencies (index + 1; 0 = none), up to four.
+    pub deps: [AtomicU32; 4],
+    _reserved_cfg: [AtomicU64; 7],
     /// The bucket's `tat`, alone on its line.
     pub tat: HotWord,
     /// Waiter count and futex word (reserved for the scheduling layout).
@@ -211,7 +268,54 @@ pub struct ClassRecord {
     pub enqueue_seq: HotWord,
     /// Waits of tickets granted from the queue, log-linear µs buckets.
     pub wait_hist: [AtomicU64; WAIT_HIST_BUCKETS],
-    _reserved_tail: [AtomicU64; 16],
+    /// Retry budget left, in millionths of a unit; alone on its line.
+    pub retry_tokens: AtomicU64,
+    _reserved_tail: [AtomicU64; 15],
+}
+
+/// A dependency's circuit breaker (see [`crate::breaker`]).
+#[repr(C, align(128))]
+#[derive(Default)]
+pub struct DepRecord {
+    /// Packed breaker state, see [`crate::breaker`].
+    pub state: AtomicU64,
+    /// CLOCK_MONOTONIC ns when an open breaker may probe (0 = tripped by
+    /// hand: no retry-after).
+    pub open_until_ns: AtomicU64,
+    /// Half-open probes admitted so far.
+    pub probes: AtomicU64,
+    /// Outcomes reported in the current window: successes.
+    pub successes: AtomicU64,
+    /// Outcomes reported in the current window: failures.
+    pub failures: AtomicU64,
+    /// Name, UTF-8, NUL padded, 48 bytes.
+    pub name: [AtomicU64; 6],
+    /// Opens when failures / total ≥ this, in millionths.
+    pub failure_ratio_ppm: AtomicU64,
+    /// Window length, ns.
+    pub window_ns: AtomicU64,
+    /// Fewest outcomes in a window before it may open.
+    pub min_requests: AtomicU32,
+    /// Probes admitted while half-open.
+    pub half_open_probes: AtomicU32,
+    /// How long it stays open, ns.
+    pub open_for_ns: AtomicU64,
+}
+
+/// A tenant tier: its rate and its long-period quota, as bucket params.
+#[repr(C, align(64))]
+#[derive(Default)]
+pub struct TierRecord {
+    /// Rate bucket `T` (0: tier unused).
+    pub rate_t: AtomicU64,
+    /// Rate bucket burst.
+    pub burst: AtomicU64,
+    /// Quota bucket `T` (quota/period; 0: no quota).
+    pub quota_t: AtomicU64,
+    /// Quota bucket burst (= quota).
+    pub quota: AtomicU64,
+    /// Name, UTF-8, NUL padded, 32 bytes.
+    pub name: [AtomicU64; 4],
 }
 
 /// Client record `state` low byte: unused.
@@ -254,6 +358,14 @@ const _: () = {
     assert!(std::mem::offset_of!(Header, region_size) == 32);
     assert!(std::mem::offset_of!(Header, flags) == 104);
     assert!(std::mem::offset_of!(Header, off_tickets) == 112);
+    assert!(std::mem::offset_of!(Header, cap_tenants) == 120);
+    assert!(std::mem::offset_of!(Header, off_deps) == 256);
+    assert!(std::mem::offset_of!(Header, off_tenants) == 272);
+    assert!(std::mem::offset_of!(ClassRecord, retry_ratio_ppm) == 168);
+    assert!(std::mem::offset_of!(ClassRecord, retry_tokens) == 1920);
+    assert!(std::mem::size_of::<DepRecord>() == DEP_SIZE);
+    assert!(std::mem::size_of::<TierRecord>() == TIER_SIZE);
+    assert!(std::mem::size_of::<crate::tenants::TenantRecord>() == TENANT_SIZE);
     assert!(std::mem::offset_of!(Header, daemon_pid) == 128);
     assert!(std::mem::offset_of!(Header, heartbeat_ns) == 136);
     assert!(std::mem::offset_of!(ClassRecord, name) == 48);
@@ -278,6 +390,8 @@ pub struct Capacities {
     pub slots: u32,
     /// Ticket records.
     pub tickets: u32,
+    /// Tenant records (a power of two, at least 8; 0 = no tenant table).
+    pub tenants: u32,
 }
 
 /// Where everything is, computed from the capacities.
@@ -295,6 +409,12 @@ pub struct Geometry {
     pub off_slots: u64,
     /// Byte offset of the ticket records.
     pub off_tickets: u64,
+    /// Byte offset of the dependency records.
+    pub off_deps: u64,
+    /// Byte offset of the tier records.
+    pub off_tiers: u64,
+    /// Byte offset of the tenant records.
+    pub off_tenants: u64,
     /// Total bytes.
     pub size: u64,
 }
@@ -385,8 +505,19 @@ impl Geometry {
             .and_then(|b| off_slots.checked_add(b))
             .and_then(|e| align_up(e, line))
             .ok_or_else(err)?;
-        let end = mul(caps.tickets, TICKET_SIZE)
+        let off_deps = mul(caps.tickets, TICKET_SIZE)
             .and_then(|b| off_tickets.checked_add(b))
+            .and_then(|e| align_up(e, line))
+            .ok_or_else(err)?;
+        let off_tiers = mul(DEPS, DEP_SIZE)
+            .and_then(|b| off_deps.checked_add(b))
+            .ok_or_else(err)?;
+        let off_tenants = mul(TIERS, TIER_SIZE)
+            .and_then(|b| off_tiers.checked_add(b))
+            .and_then(|e| align_up(e, line))
+            .ok_or_else(err)?;
+        let end = mul(caps.tenants, TENANT_SIZE)
+            .and_then(|b| off_tenants.checked_add(b))
             .and_then(|e| align_up(e, line))
             .ok_or_else(err)?;
         let size = align_up(end, PAGE as u64).ok_or_else(err)?;
@@ -400,6 +531,9 @@ impl Geometry {
             off_counters,
             off_slots,
             off_tickets,
+            off_deps,
+            off_tiers,
+            off_tenants,
             size,
         })
     }
@@ -472,7 +606,14 @@ pub fn check_header_bytes(bytes: &[u8], file_len: u64) -> Result<Geometry, Attac
         clients: le_u32(bytes, 60),
         slots: le_u32(bytes, 64),
         tickets: le_u32(bytes, 68),
+        tenants: le_u32(bytes, 120),
     };
+    if le_u32(bytes, 124) != DEPS {
+        return Err(AttachError::Corrupt(format!(
+            "{} dependency records, this build has {DEPS}",
+            le_u32(bytes, 124)
+        )));
+    }
     let geo = Geometry::new(caps).map_err(|e| AttachError::Corrupt(e.to_string()))?;
     let stated = [
         le_u64(bytes, 72),
@@ -480,6 +621,9 @@ pub fn check_header_bytes(bytes: &[u8], file_len: u64) -> Result<Geometry, Attac
         le_u64(bytes, 88),
         le_u64(bytes, 96),
         le_u64(bytes, 112),
+        le_u64(bytes, 256),
+        le_u64(bytes, 264),
+        le_u64(bytes, 272),
     ];
     let computed = [
         geo.off_classes,
@@ -487,6 +631,9 @@ pub fn check_header_bytes(bytes: &[u8], file_len: u64) -> Result<Geometry, Attac
         geo.off_counters,
         geo.off_slots,
         geo.off_tickets,
+        geo.off_deps,
+        geo.off_tiers,
+        geo.off_tenants,
     ];
     if stated != computed || geo.size != size {
         return Err(AttachError::Corrupt(format!(
@@ -581,6 +728,11 @@ impl Region {
         h.off_counters.store(geo.off_counters, Ordering::Relaxed);
         h.off_slots.store(geo.off_slots, Ordering::Relaxed);
         h.off_tickets.store(geo.off_tickets, Ordering::Relaxed);
+        h.cap_tenants.store(geo.caps.tenants, Ordering::Relaxed);
+        h.cap_deps.store(DEPS, Ordering::Relaxed);
+        h.off_deps.store(geo.off_deps, Ordering::Relaxed);
+        h.off_tiers.store(geo.off_tiers, Ordering::Relaxed);
+        h.off_tenants.store(geo.off_tenants, Ordering::Relaxed);
         Self { base, geo }
     }
 
@@ -659,6 +811,44 @@ impl Region {
         Some(unsafe { std::slice::from_raw_parts(first, len as usize) })
     }
 
+    /// The tenant table.
+    pub fn tenants(&self) -> &[crate::tenants::TenantRecord] {
+        let off = self.geo.off_tenants;
+        // SAFETY: the tenant table lies inside the validated geometry at
+        // a LINE-aligned offset: `caps.tenants` records of TENANT_SIZE.
+        let first = unsafe { self.base.as_ptr().add(off as usize) };
+        // SAFETY: `first` points at `caps.tenants` consecutive records made
+        // of atomics, living as long as `self`.
+        unsafe {
+            std::slice::from_raw_parts(
+                first as *const crate::tenants::TenantRecord,
+                self.geo.caps.tenants as usize,
+            )
+        }
+    }
+
+    /// Dependency record `idx`.
+    pub fn dep(&self, idx: u32) -> Option<&DepRecord> {
+        if idx >= DEPS {
+            return None;
+        }
+        let off = self.geo.off_deps + u64::from(idx) * DEP_SIZE as u64;
+        // SAFETY: idx < DEPS: inside the validated dependency table, aligned
+        // to LINE (the table starts LINE aligned; records are 128 bytes).
+        Some(unsafe { &*(self.base.as_ptr().add(off as usize) as *const DepRecord) })
+    }
+
+    /// Tier record `idx`.
+    pub fn tier(&self, idx: u32) -> Option<&TierRecord> {
+        if idx >= TIERS {
+            return None;
+        }
+        let off = self.geo.off_tiers + u64::from(idx) * TIER_SIZE as u64;
+        // SAFETY: idx < TIERS: inside the validated tier table, 64-byte
+        // aligned (it follows the 128-byte dependency records).
+        Some(unsafe { &*(self.base.as_ptr().add(off as usize) as *const TierRecord) })
+    }
+
     /// Ticket records `base .. base + len`, if inside the ticket table.
     pub fn tickets(&self, base: u32, len: u32) -> Option<&[crate::queue::TicketRecord]> {
         let end = base.checked_add(len)?;
@@ -706,20 +896,43 @@ fn snapshot_header(h: &Header, version: u32, out: &mut [u8; HEADER_SIZE]) {
     put64(out, 88, h.off_counters.load(Ordering::Relaxed));
     put64(out, 96, h.off_slots.load(Ordering::Relaxed));
     put64(out, 112, h.off_tickets.load(Ordering::Relaxed));
+    put32(out, 120, h.cap_tenants.load(Ordering::Relaxed));
+    put32(out, 124, h.cap_deps.load(Ordering::Relaxed));
+    put64(out, 256, h.off_deps.load(Ordering::Relaxed));
+    put64(out, 264, h.off_tiers.load(Ordering::Relaxed));
+    put64(out, 272, h.off_tenants.load(Ordering::Relaxed));
+}
+
+/// Read a NUL-padded UTF-8 name stored in atomic words.
+pub fn read_name(words: &[AtomicU64]) -> Option<String> {
+    let mut bytes = Vec::with_capacity(words.len() * 8);
+    for w in words {
+        // Relaxed: names are written before the record's state is
+        // published with Release; the caller loaded that state with Acquire.
+        bytes.extend_from_slice(&w.load(Ordering::Relaxed).to_le_bytes());
+    }
+    let end = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
+    bytes.truncate(end);
+    String::from_utf8(bytes).ok()
+}
+
+/// Store `name` NUL padded into atomic words (truncated to fit).
+pub fn write_name(words: &[AtomicU64], name: &str) {
+    let bytes = name.as_bytes();
+    for (i, w) in words.iter().enumerate() {
+        let mut word = [0u8; 8];
+        for (j, b) in word.iter_mut().enumerate() {
+            *b = bytes.get(i * 8 + j).copied().unwrap_or(0);
+        }
+        // Relaxed: published by the Release store of the record's state.
+        w.store(u64::from_le_bytes(word), Ordering::Relaxed);
+    }
 }
 
 impl ClassRecord {
     /// The class name, if the stored bytes are valid UTF-8.
     pub fn name(&self) -> Option<String> {
-        let mut bytes = Vec::with_capacity(48);
-        for w in &self.name {
-            // Relaxed: names are written before `state` is published with
-            // Release; the caller loaded `state` with Acquire.
-            bytes.extend_from_slice(&w.load(Ordering::Relaxed).to_le_bytes());
-        }
-        let end = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
-        bytes.truncate(end);
-        String::from_utf8(bytes).ok()
+        read_name(&self.name)
     }
 
     /// True when the stored name equals `name` (no allocation).
@@ -792,6 +1005,7 @@ mod tests {
         clients: 5,
         slots: 100,
         tickets: 16,
+        tenants: 8,
     };
 
     /// Header byte offsets of the five table offsets.
@@ -862,12 +1076,14 @@ mod tests {
                 clients: 0,
                 slots: 0,
                 tickets: 0,
+                tenants: 8,
             },
             Capacities {
                 classes: 1,
                 clients: 1,
                 slots: 1,
                 tickets: 1,
+                tenants: 8,
             },
             CAPS,
             Capacities {
@@ -875,6 +1091,7 @@ mod tests {
                 clients: 1024,
                 slots: 65_536,
                 tickets: 65_536,
+                tenants: 8,
             },
         ] {
             check_geometry(&Geometry::new(caps).unwrap());
@@ -884,6 +1101,7 @@ mod tests {
             clients: 1,
             slots: 1,
             tickets: 1,
+            tenants: 8,
         };
         let small = Geometry::new(one).unwrap();
         assert_eq!(small.off_classes, HEADER_SIZE as u64);
@@ -911,6 +1129,7 @@ mod tests {
             clients: u32::MAX,
             slots: u32::MAX,
             tickets: 0,
+            tenants: 8,
         };
         assert_eq!(Geometry::new(caps), Err(GeometryError(caps)));
     }
@@ -922,7 +1141,7 @@ mod tests {
         fn geometry_holds_for_any_capacities(
             classes in 0u32..=4096, clients in 0u32..=65_535, slots in 0u32..=1 << 24, tickets in any::<u32>()
         ) {
-            if let Ok(geo) = Geometry::new(Capacities { classes, clients, slots, tickets }) {
+            if let Ok(geo) = Geometry::new(Capacities { classes, clients, slots, tickets, tenants: 8 }) {
                 check_geometry(&geo);
             }
         }

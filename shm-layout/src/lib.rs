@@ -16,11 +16,14 @@
 //! | [`layout`]   | header, tables, offsets, attach validation       |
 
 pub mod admit;
+pub mod breaker;
 pub mod bucket;
 pub mod counters;
 pub mod layout;
 pub mod limits;
 pub mod queue;
 pub mod registry;
+pub mod retry;
 pub mod slots;
 pub mod sync;
+pub mod tenants;

@@ -320,6 +320,8 @@ pub struct ClassView<'a> {
     pub waiters: &'a AtomicU64,
     /// Aging period, ns (0 = off).
     pub age_after_ns: u64,
+    /// The class is paused, or a dependency is down: grant nothing.
+    pub held: bool,
 }
 
 /// Why a dispatch stopped.
@@ -334,6 +336,8 @@ pub enum Dispatch {
     BlockedTokens(u64),
     /// Gave up after granting this many (bounded work per call).
     Budget(u32),
+    /// The class is held (paused, or a dependency is down).
+    Held,
 }
 
 /// Grant queued tickets while capacity lasts. `granter` is the calling
@@ -347,6 +351,9 @@ pub fn dispatch(
     now_units: u64,
 ) -> (Dispatch, u32) {
     let mut granted = 0;
+    if view.held {
+        return (Dispatch::Held, 0);
+    }
     // Bounded work per call, even on a region someone scribbles on.
     for _ in 0..256 {
         if granted >= 64 {

@@ -85,6 +85,27 @@ macro_rules! atomic_int {
             pub fn fetch_or(&self, v: $int, order: Ordering) -> $int {
                 self.0.fetch_or(v, order)
             }
+            /// Apply `f` until it succeeds (a CAS loop) or `f` returns
+            /// `None`; returns the previous value, or the current one.
+            #[inline(always)]
+            pub fn fetch_update<F>(
+                &self,
+                set: Ordering,
+                fetch: Ordering,
+                mut f: F,
+            ) -> Result<$int, $int>
+            where
+                F: FnMut($int) -> Option<$int>,
+            {
+                let mut cur = self.0.load(fetch);
+                loop {
+                    let Some(next) = f(cur) else { return Err(cur) };
+                    match self.0.compare_exchange_weak(cur, next, set, fetch) {
+                        Ok(prev) => return Ok(prev),
+                        Err(actual) => cur = actual,
+                    }
+                }
+            }
             /// Atomic bitwise and.
             #[inline(always)]
             pub fn fetch_and(&self, v: $int, order: Ordering) -> $int {

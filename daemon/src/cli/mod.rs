@@ -2,6 +2,7 @@
 //! help text.
 
 pub mod check_config;
+pub mod control_cmds;
 pub mod run;
 pub mod stats;
 pub mod tickets;
@@ -70,6 +71,16 @@ pub enum Command {
     /// (its `sluice run --wait` exits 75); a granted one's holder is asked
     /// to stop (`sluice run` sends its command SIGTERM).
     Cancel(tickets::CancelArgs),
+    /// Pause a class: new work is refused `paused` (or held as
+    /// paused_by_owner where `on_paused = "queue"`). Held permits stay.
+    Pause(control_cmds::ClassArg),
+    /// Resume a paused class; held tickets are granted as capacity allows.
+    Resume(control_cmds::ClassArg),
+    /// Trip a dependency's circuit breaker by hand: its classes refuse
+    /// `dependency` (no retry-after) until healed.
+    Trip(control_cmds::DepArg),
+    /// Heal (close) a dependency's circuit breaker.
+    Heal(control_cmds::DepArg),
     /// Check a config file; prints a summary, or the error with its line and
     /// column (exit 78).
     CheckConfig(check_config::CheckArgs),
@@ -107,6 +118,12 @@ pub fn main() -> i32 {
         Command::Run(a) => run::run(&region, a),
         Command::Tickets(a) => tickets::run(&region, &a),
         Command::Cancel(a) => tickets::cancel(&region, cli.control_socket.as_deref(), &a),
+        Command::Pause(a) => control_cmds::pause(&region, cli.control_socket.as_deref(), &a, true),
+        Command::Resume(a) => {
+            control_cmds::pause(&region, cli.control_socket.as_deref(), &a, false)
+        }
+        Command::Trip(a) => control_cmds::trip(&region, cli.control_socket.as_deref(), &a, true),
+        Command::Heal(a) => control_cmds::trip(&region, cli.control_socket.as_deref(), &a, false),
         Command::CheckConfig(a) => check_config::run(&a),
     }
 }

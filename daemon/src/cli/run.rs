@@ -36,6 +36,16 @@ pub struct RunArgs {
     #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
     pub attempt: u32,
 
+    /// Tenant key (required by classes with `tenants = true`): its tier's
+    /// rate and quota apply.
+    #[arg(long, value_name = "KEY")]
+    pub tenant: Option<String>,
+
+    /// Accept a partial grant: the largest cost admissible now (the child
+    /// sees it in SLUICE_GRANTED).
+    #[arg(long)]
+    pub allow_partial: bool,
+
     /// Wait up to DUR (e.g. 500ms, 30s, 5m) in the lane's queue instead of
     /// being refused at once. Expired or cancelled while waiting: exit 75.
     #[arg(long, value_name = "DUR", value_parser = parse_wait)]
@@ -104,7 +114,12 @@ pub fn run(region: &Path, args: RunArgs) -> i32 {
     let req = Request::new()
         .cost(args.cost)
         .lane(args.lane)
-        .attempt(args.attempt);
+        .attempt(args.attempt)
+        .allow_partial(args.allow_partial);
+    let req = match &args.tenant {
+        Some(t) => req.tenant(t),
+        None => req,
+    };
     let wait = args.wait.unwrap_or(std::time::Duration::ZERO);
     let outcome = match class.enqueue(&req, wait) {
         Ok(Enqueued::Done(o)) => o,

@@ -1,0 +1,346 @@
+//! The policy checks that come before slots and tokens: pause, dependency
+//! breakers, tenant quotas, the retry budget, and partial grants.
+//!
+//! Order (after shape): paused → dependencies → tenant quota (checked, not
+//! yet taken) → retry budget (taken; given back if a later check refuses) →
+//! then [`sluice_shm_layout::admit`] takes slots and class tokens → on
+//! admission the tenant's tokens are taken and a first attempt refills the
+//! retry budget. Classes with none of these features skip this module: the
+//! fast path reads one flags word.
+
+use std::time::Duration;
+
+use sluice_shm_layout::admit::ClassParams;
+use sluice_shm_layout::breaker::{self, Gate};
+use sluice_shm_layout::bucket::{units_to_ns_ceil, BucketVerdict, RateParams};
+use sluice_shm_layout::counters::Reason;
+use sluice_shm_layout::layout::{
+    TierRecord, CLASS_ON_DEP_QUEUE, CLASS_ON_PAUSED_QUEUE, CLASS_PAUSED, CLASS_RETRY_BUDGET,
+    CLASS_TENANTS,
+};
+use sluice_shm_layout::retry;
+use sluice_shm_layout::slots;
+use sluice_shm_layout::sync::Ordering;
+use sluice_shm_layout::tenants;
+
+use crate::{AcquireError, Ctx, Refusal, Request};
+
+/// Class flags that send a request through this module.
+pub(crate) const POLICY_FLAGS: u32 =
+    CLASS_PAUSED | CLASS_TENANTS | CLASS_RETRY_BUDGET | CLASS_HAS_DEPS;
+
+/// Class `flags` bit: the class lists dependencies.
+pub(crate) const CLASS_HAS_DEPS: u32 = sluice_shm_layout::layout::CLASS_HAS_DEPS;
+
+/// What the checks took, to give back on a later refusal or to finish on
+/// admission.
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct Taken {
+    /// The cost to ask for (smaller than the request's for a partial grant).
+    pub cost: u64,
+    /// A retry-budget unit was taken.
+    pub retry: bool,
+    /// Half-open probes taken, by dependency index + 1.
+    pub probes: [u32; 4],
+    /// The tenant record to charge on admission.
+    pub tenant: Option<usize>,
+}
+
+/// The outcome of the checks.
+#[derive(Debug)]
+pub(crate) enum Gates {
+    /// Go on to slots and tokens.
+    Go(Taken),
+    /// Refused; nothing is held.
+    Refuse(Refusal),
+    /// May wait in the queue: the class is paused or a dependency is down,
+    /// and its policy is to queue (only when the caller is willing to wait).
+    Hold(Taken),
+}
+
+fn refusal(reason: Reason, retry_after_ns: Option<u64>, largest_cost: Option<u64>) -> Refusal {
+    Refusal {
+        reason,
+        retry_after: retry_after_ns.map(Duration::from_nanos),
+        largest_cost,
+    }
+}
+
+/// The tier buckets of a tenant record.
+fn tier_params(tier: &TierRecord) -> (Option<RateParams>, Option<RateParams>) {
+    // Relaxed: config values written by the daemon; each is clamped/checked.
+    let rate_t = tier.rate_t.load(Ordering::Relaxed);
+    let burst = tier.burst.load(Ordering::Relaxed).max(1);
+    let quota_t = tier.quota_t.load(Ordering::Relaxed);
+    let quota = tier.quota.load(Ordering::Relaxed).max(1);
+    let rate = (rate_t > 0).then_some(RateParams {
+        t: rate_t,
+        burst,
+        excess: 0,
+    });
+    let q = (quota_t > 0).then_some(RateParams {
+        t: quota_t,
+        burst: quota,
+        excess: 0,
+    });
+    (rate, q)
+}
+
+/// Run the checks for `req` in `ctx`. `wait` says whether the caller may
+/// wait in the queue (then pause/dependency may hold instead of refuse).
+pub(crate) fn gates(
+    ctx: &Ctx<'_>,
+    req: &Request<'_>,
+    flags: u32,
+    now_ns: u64,
+    wait: bool,
+) -> Result<Gates, AcquireError> {
+    let lane = req.lane.index();
+    let mut taken = Taken {
+        cost: req.cost,
+        ..Taken::default()
+    };
+    let region = ctx.attached.map.region();
+    let now_units = ctx.now_units_at(now_ns);
+
+    // Tenant: find (or insert) its record; its tier caps the shape.
+    let mut tier_caps = u64::MAX;
+    let mut tenant_rec = None;
+    if flags & CLASS_TENANTS != 0 {
+        let Some(key) = req.tenant else {
+            return Err(AcquireError::TenantRequired);
+        };
+        if key.is_empty() || key.len() > tenants::MAX_KEY_LEN {
+            return Err(AcquireError::BadTenant {
+                len: key.len(),
+                max: tenants::MAX_KEY_LEN,
+            });
+        }
+        let h = region.header();
+        // Relaxed: written once at creation / by the daemon's config apply.
+        let (k0, k1) = (
+            h.tenant_k0.load(Ordering::Relaxed),
+            h.tenant_k1.load(Ordering::Relaxed),
+        );
+        let default_tier = h.tenant_default_tier.load(Ordering::Relaxed);
+        let table = region.tenants();
+        let hash = tenants::key_hash(k0, k1, key.as_bytes());
+        let found = tenants::find_or_insert(
+            table,
+            hash,
+            key.as_bytes(),
+            default_tier,
+            now_ns,
+            ctx.attached.owner.index,
+        );
+        let idx = match found {
+            Ok(i) => Some(i),
+            Err(_) => {
+                // Relaxed: a config bit.
+                let shared = h.tenant_flags.load(Ordering::Relaxed)
+                    & sluice_shm_layout::layout::TENANTS_ON_FULL_SHARED
+                    != 0;
+                if !shared {
+                    return Ok(Gates::Refuse(refusal(Reason::Quota, None, None)));
+                }
+                // The shared overflow bucket is the table's last record.
+                table.len().checked_sub(1)
+            }
+        };
+        if let Some(i) = idx {
+            if let Some(rec) = table.get(i) {
+                tenants::touch(rec, now_ns);
+                // Relaxed: written before the record was published LIVE.
+                let tier = region.tier(rec.tier.load(Ordering::Relaxed));
+                if let Some(tier) = tier {
+                    let (rate, quota) = tier_params(tier);
+                    for p in [rate, quota].into_iter().flatten() {
+                        tier_caps = tier_caps.min(p.max_cost());
+                    }
+                    tenant_rec = Some((i, rate, quota));
+                }
+            }
+        }
+    }
+
+    // Shape (with the tenant's caps); a partial request is cut down instead.
+    let largest = ctx.params.largest_cost(lane).min(tier_caps);
+    if taken.cost > largest {
+        if !req.allow_partial {
+            return Ok(Gates::Refuse(refusal(
+                Reason::SmallerScope,
+                None,
+                Some(largest),
+            )));
+        }
+        taken.cost = largest;
+    }
+    if req.allow_partial {
+        let now = largest_now(ctx, &ctx.params, lane, now_units);
+        if now >= 1 {
+            taken.cost = taken.cost.min(now);
+        }
+    }
+
+    // Paused by its owner.
+    if flags & CLASS_PAUSED != 0 {
+        if wait && flags & CLASS_ON_PAUSED_QUEUE != 0 {
+            return Ok(Gates::Hold(taken));
+        }
+        return Ok(Gates::Refuse(refusal(Reason::Paused, None, None)));
+    }
+
+    // Dependencies.
+    if flags & CLASS_HAS_DEPS != 0 {
+        for (k, d) in ctx.rec.deps.iter().enumerate() {
+            // Relaxed: a config value.
+            let Some(dep_idx) = d.load(Ordering::Relaxed).checked_sub(1) else {
+                continue;
+            };
+            let Some(dep) = region.dep(dep_idx) else {
+                continue;
+            };
+            match breaker::check(dep, now_ns) {
+                Gate::Pass => {}
+                Gate::Probe => taken.probes[k] = dep_idx + 1,
+                Gate::Refuse(retry) => {
+                    give_back(ctx, &taken);
+                    if wait && flags & CLASS_ON_DEP_QUEUE != 0 {
+                        return Ok(Gates::Hold(Taken {
+                            probes: [0; 4],
+                            ..taken
+                        }));
+                    }
+                    return Ok(Gates::Refuse(refusal(Reason::Dependency, retry, None)));
+                }
+            }
+        }
+    }
+
+    // Tenant quota: check now, take on admission.
+    if let Some((i, rate, quota)) = tenant_rec {
+        if let Some(rec) = ctx.attached.map.region().tenants().get(i) {
+            // Both buckets are checked; the refusal names the later of the
+            // two retry times (the one that binds).
+            let mut wait = None;
+            for (p, word) in [(rate, &rec.tat), (quota, &rec.quota_tat)] {
+                let Some(p) = p else { continue };
+                // Relaxed: a check before the take; the take is a CAS.
+                if let BucketVerdict::Red { retry_after } =
+                    p.decide(word.load(Ordering::Relaxed), now_units, taken.cost)
+                {
+                    wait = Some(wait.unwrap_or(0).max(units_to_ns_ceil(retry_after)));
+                }
+            }
+            if let Some(retry) = wait {
+                give_back(ctx, &taken);
+                return Ok(Gates::Refuse(refusal(Reason::Quota, Some(retry), None)));
+            }
+            taken.tenant = Some(i);
+        }
+    }
+
+    // Retry budget: a retry takes a unit first, or is refused.
+    if req.attempt > 1 && flags & CLASS_RETRY_BUDGET != 0 {
+        if !retry::take(&ctx.rec.retry_tokens) {
+            give_back(ctx, &taken);
+            return Ok(Gates::Refuse(refusal(Reason::RetryBudget, None, None)));
+        }
+        taken.retry = true;
+    }
+    Ok(Gates::Go(taken))
+}
+
+/// The largest cost admissible right now in `lane` (racy: a snapshot).
+fn largest_now(ctx: &Ctx<'_>, p: &ClassParams, lane: usize, now_units: u64) -> u64 {
+    let mut n = u64::MAX;
+    if p.max_in_flight > 0 {
+        let ceiling = p.ceiling(lane) as usize;
+        let held = slots::in_flight(&ctx.slots[..ceiling.min(ctx.slots.len())]);
+        n = n.min((ceiling as u64).saturating_sub(held));
+    }
+    if let Some(r) = &p.rate {
+        // Relaxed: a snapshot for sizing; the take is a CAS.
+        let tat = ctx.rec.tat.value.load(Ordering::Relaxed);
+        let room = u128::from(r.max_cost()) * u128::from(r.t);
+        let debt = u128::from(tat.saturating_sub(now_units));
+        n = n.min((room.saturating_sub(debt) / u128::from(r.t.max(1))) as u64);
+    }
+    n
+}
+
+/// Give back what the checks took (a later check refused).
+pub(crate) fn give_back(ctx: &Ctx<'_>, taken: &Taken) {
+    if taken.retry {
+        // Relaxed: a config value.
+        retry::give_back(
+            &ctx.rec.retry_tokens,
+            ctx.rec.retry_burst.load(Ordering::Relaxed),
+        );
+    }
+    let region = ctx.attached.map.region();
+    for &d in &taken.probes {
+        if let Some(dep) = d.checked_sub(1).and_then(|i| region.dep(i)) {
+            // AcqRel: returns a probe taken by the bounded CAS in
+            // `breaker::check`.
+            let _ = dep
+                .probes
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |p| p.checked_sub(1));
+        }
+    }
+}
+
+/// Finish an admission: charge the tenant, refill the retry budget.
+pub(crate) fn after_admit(ctx: &Ctx<'_>, attempt: u32, taken: &Taken, now_ns: u64) {
+    let region = ctx.attached.map.region();
+    if let Some(rec) = taken.tenant.and_then(|i| region.tenants().get(i)) {
+        // Relaxed: written before the record was published LIVE.
+        if let Some(tier) = region.tier(rec.tier.load(Ordering::Relaxed)) {
+            let (rate, quota) = tier_params(tier);
+            let now_units = ctx.now_units_at(now_ns);
+            // Checked before admission; a racing request of the same
+            // tenant may have got there first, in which case this take is
+            // refused and the tenant got one more than its share (marked).
+            for (p, word) in [(rate, &rec.tat), (quota, &rec.quota_tat)] {
+                if let Some(p) = p {
+                    let _ = p.take(word, now_units, taken.cost);
+                }
+            }
+        }
+    }
+    if attempt == 1 {
+        // Relaxed: config values.
+        let flags = ctx.rec.flags.load(Ordering::Relaxed);
+        if flags & CLASS_RETRY_BUDGET != 0 {
+            retry::refill(
+                &ctx.rec.retry_tokens,
+                ctx.rec.retry_ratio_ppm.load(Ordering::Relaxed),
+                ctx.rec.retry_burst.load(Ordering::Relaxed),
+            );
+        }
+    }
+}
+
+/// True when the class may grant nothing now: paused, or a dependency down
+/// (not half-open: probes are taken by requests, not by dispatch).
+pub(crate) fn held(ctx: &Ctx<'_>) -> bool {
+    // Relaxed: policy bits and breaker modes, read as hints; the waiters
+    // look again on their next wake-up.
+    let flags = ctx.rec.flags.load(Ordering::Relaxed);
+    if flags & CLASS_PAUSED != 0 {
+        return true;
+    }
+    if flags & CLASS_HAS_DEPS == 0 {
+        return false;
+    }
+    let region = ctx.attached.map.region();
+    ctx.rec.deps.iter().any(|d| {
+        d.load(Ordering::Relaxed)
+            .checked_sub(1)
+            .and_then(|i| region.dep(i))
+            .is_some_and(|dep| {
+                let w = breaker::BreakerWord::decode(dep.state.load(Ordering::Relaxed));
+                w.mode == breaker::OPEN
+            })
+    })
+}
