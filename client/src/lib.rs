@@ -39,6 +39,7 @@ use sluice_shm_layout::admit::{self, Admission, Ask, ClassParams};
 use sluice_shm_layout::counters::{self, Reason};
 use sluice_shm_layout::layout::{
     ClassRecord, CounterBlock, CLASS_ACTIVE, CLIENT_ALIVE, CLIENT_EXITING, FLAG_DRAINING,
+    FLAG_REPLACED,
 };
 use sluice_shm_layout::queue::{self, ClassView, TicketRecord};
 use sluice_shm_layout::registry;
@@ -284,6 +285,12 @@ pub enum AcquireError {
     ClassGone {
         /// Its name.
         name: String,
+    },
+    /// The region file vanished and the daemon re-created it.
+    #[error("region {path} was re-created by sluiced (its file vanished): attach again with Client::attach")]
+    RegionReplaced {
+        /// The region path.
+        path: PathBuf,
     },
     /// The class requires a tenant key and the request has none.
     #[error("this class has tenants = true: every request must carry a tenant key")]
@@ -538,9 +545,15 @@ impl<'c> ClassHandle<'c> {
         let rec = self.record(a)?;
         let region = a.map.region();
         let counts = region.counters(a.owner.index, self.index);
-        // Relaxed: the draining flag is advisory; a request racing the
-        // flag's store may still be admitted, as it would a moment earlier.
-        if region.header().flags.load(Ordering::Relaxed) & FLAG_DRAINING != 0 {
+        // Relaxed: the flags are advisory; a request racing the flag's
+        // store may still be decided as it would a moment earlier.
+        let hflags = region.header().flags.load(Ordering::Relaxed);
+        if hflags & (FLAG_DRAINING | FLAG_REPLACED) != 0 {
+            if hflags & FLAG_REPLACED != 0 {
+                return Err(AcquireError::RegionReplaced {
+                    path: self.client.path.clone(),
+                });
+            }
             return Ok(Err(self.refuse(counts, Reason::ShuttingDown, None, None)));
         }
         let params = ClassParams::load(rec);

@@ -156,6 +156,50 @@ impl RegionMap {
         })
     }
 
+    /// Map a region file whose header is not (yet) published: the daemon's
+    /// own re-creation of a vanished region. The caller publishes it.
+    pub fn open_unpublished(path: &Path, file: &File) -> Result<Self, OpenError> {
+        let io = |op: &'static str| {
+            let path = path.to_path_buf();
+            move |source| OpenError::Io { path, op, source }
+        };
+        let len = file.metadata().map_err(io("stat"))?.len();
+        let size = usize::try_from(len).map_err(|_| OpenError::Io {
+            path: path.to_path_buf(),
+            op: "map",
+            source: io::Error::other("region too large"),
+        })?;
+        // SAFETY: a shared mapping of a file of `size` bytes that the caller
+        // holds locked; every access to it goes through atomics.
+        let mut m = unsafe { MmapOptions::new().len(size).map_mut(file) }.map_err(io("map"))?;
+        let base = NonNull::new(m.as_mut_ptr()).ok_or_else(|| OpenError::Io {
+            path: path.to_path_buf(),
+            op: "map",
+            source: io::Error::other("null mapping"),
+        })?;
+        // The version is the one thing unpublished: check everything else
+        // by the usual rules on a copy of the header with it filled in.
+        let mut head = [0u8; HEADER_SIZE];
+        file.read_exact_at(&mut head, 0)
+            .map_err(io("read header"))?;
+        head[8..12].copy_from_slice(&layout::LAYOUT_VERSION.to_le_bytes());
+        let geo = layout::check_header_bytes(&head, len).map_err(|source| OpenError::Layout {
+            path: path.to_path_buf(),
+            hint: hint_for(&source),
+            source,
+        })?;
+        // SAFETY: `base` is a page-aligned mapping of `size` bytes owned by
+        // `m`, kept alive in the returned value; its geometry was checked.
+        let region = unsafe { Region::from_checked(base, geo) };
+        let dup = file.try_clone().map_err(io("dup"))?;
+        Ok(Self {
+            region,
+            _mapping: Mapping::Rw(m),
+            file: dup,
+            path: path.to_path_buf(),
+        })
+    }
+
     /// Wrap a mapping the daemon has just created and initialised.
     pub fn from_parts(region: Region, map: MmapMut, file: File, path: PathBuf) -> Self {
         Self {

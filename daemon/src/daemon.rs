@@ -31,7 +31,9 @@ extern "C" fn on_signal(sig: libc::c_int) {
     }
 }
 
-fn install_signals() -> std::io::Result<()> {
+/// Install the SIGINT, SIGTERM and SIGHUP handlers. `main` calls this
+/// first, so an early SIGHUP neither kills the daemon nor is lost.
+pub fn install_signals() -> std::io::Result<()> {
     use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
     // No SA_RESTART: a signal interrupts the loop's poll so it acts at once.
     let act = SigAction::new(
@@ -88,6 +90,8 @@ pub fn run(mut config: Config, opts: Options) -> Result<(), DaemonError> {
         &config,
         monotonic_ns(),
     )?);
+    // The region the daemon serves now; replaced if the file vanishes.
+    let current = std::sync::Arc::new(std::sync::Mutex::new(std::sync::Arc::clone(&owned)));
     let region_path = owned.path().to_path_buf();
     tracing::info!(
         region = %region_path.display(),
@@ -109,11 +113,14 @@ pub fn run(mut config: Config, opts: Options) -> Result<(), DaemonError> {
         }
     })?;
     let pid = std::process::id();
-    let shared = std::sync::Arc::clone(&owned);
+    let shared = std::sync::Arc::clone(&current);
     std::thread::Builder::new()
         .name("control".into())
         .spawn(move || {
-            crate::control::serve(listener, move |req, peer| answer(&shared, req, peer, pid))
+            crate::control::serve(listener, move |req, peer| {
+                let owned = shared.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                answer(&owned, req, peer, pid)
+            })
         })
         .map_err(|source| DaemonError::Control {
             path: socket.clone(),
@@ -134,12 +141,28 @@ pub fn run(mut config: Config, opts: Options) -> Result<(), DaemonError> {
     let watchdog = sd_notify::watchdog_enabled(false, &mut watchdog_usec);
     let mut last_ping = Instant::now();
 
-    let mut watcher = Watcher::default();
+    let mut watcher;
+    watcher = Watcher::default();
     let mut rates = crate::maintain::RateSampler::default();
     let mut last_seed = Instant::now();
     let mut breakers = crate::maintain::Breakers::default();
     let mut drain_deadline: Option<Instant> = None;
+    let mut owned = owned;
     loop {
+        if region::vanished(&owned) {
+            match region::recreate(&owned, &config, monotonic_ns()) {
+                Ok(fresh) => {
+                    let fresh = std::sync::Arc::new(fresh);
+                    *current.lock().unwrap_or_else(|e| e.into_inner()) =
+                        std::sync::Arc::clone(&fresh);
+                    owned = fresh;
+                    watcher = Watcher::default();
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "region file vanished and could not be re-created; clients attached keep working on their mapping");
+                }
+            }
+        }
         let region = owned.region();
         // Relaxed: advisory, read by stats.
         region
@@ -335,7 +358,12 @@ fn reload(owned: &OwnedRegion, old: Config, path: Option<&Path>) -> Config {
         }
         Err(e) => {
             tracing::warn!(config = %path.display(), error = %e, "reload refused; the old config stays in force");
-            old
+            let status = format!("reload failed: {e}");
+            notify(&[
+                sd_notify::NotifyState::Ready,
+                sd_notify::NotifyState::Status(&status),
+            ]);
+            return old;
         }
     };
     notify(&[sd_notify::NotifyState::Ready]);

@@ -16,6 +16,7 @@ use std::ptr::NonNull;
 
 use memmap2::MmapOptions;
 use sluice_client::RegionMap;
+use sluice_shm_layout::admit::ClassParams;
 use sluice_shm_layout::bucket::RateParams;
 use sluice_shm_layout::layout::{
     self, Capacities, ClassRecord, Geometry, Region, CLASS_ACTIVE, CLASS_FREE, CLASS_REMOVED,
@@ -369,7 +370,6 @@ fn slot_range(rec: &ClassRecord) -> (u32, u32) {
 /// (limits change live, the bucket keeps its `tat`, held slots stay), add
 /// new ones in free records, and mark classes no longer configured removed.
 pub fn apply_classes(region: &Region, config: &Config, now_ns: u64) -> Result<(), RegionError> {
-    let _ = now_ns;
     let cap = region.geometry().caps.classes;
     let tiers = plan_tiers(config)?;
     let deps = apply_deps(region, config)?;
@@ -446,6 +446,21 @@ pub fn apply_classes(region: &Region, config: &Config, now_ns: u64) -> Result<()
                 let rec = region
                     .class(i)
                     .ok_or_else(|| RegionError::Config("class index".into()))?;
+                // The bucket keeps its fill, trimmed to the new burst.
+                if let Some(new) = rate {
+                    let old = ClassParams::load(rec).rate;
+                    if let Some(old) = old.filter(|o| *o != new) {
+                        let now_units = sluice_shm_layout::bucket::ns_to_units(
+                            now_ns.saturating_sub(region.epoch_ns()),
+                        );
+                        // Relaxed: clients CAS the word; a request racing
+                        // the reload is charged by the old or the new rule.
+                        let tat = rec.tat.value.load(Ordering::Relaxed);
+                        rec.tat
+                            .value
+                            .store(new.carry_over(&old, tat, now_units), Ordering::Relaxed);
+                    }
+                }
                 write_limits(rec, class, rate, &deps);
             }
             None => {
@@ -839,4 +854,87 @@ pub fn tier_names(config: &Config) -> Vec<String> {
         .as_ref()
         .map(|t| t.tiers.iter().map(|x| x.name.clone()).collect())
         .unwrap_or_default()
+}
+
+/// True when the daemon's region file is gone from its path (removed, or
+/// replaced by another file): systemd-logind's RemoveIPC, or an operator's
+/// rm. One fstat and one stat, once per maintenance turn.
+pub fn vanished(owned: &OwnedRegion) -> bool {
+    use std::os::unix::fs::MetadataExt as _;
+    let Ok(mine) = owned.map().file().metadata() else {
+        return false;
+    };
+    if mine.nlink() == 0 {
+        return true;
+    }
+    match std::fs::symlink_metadata(owned.path()) {
+        Ok(there) => there.dev() != mine.dev() || there.ino() != mine.ino(),
+        Err(e) => e.kind() == io::ErrorKind::NotFound,
+    }
+}
+
+/// Re-create a vanished region at its path: a byte copy of the old one
+/// (held permits, tickets, buckets and counters carry over) with a new
+/// generation. The old mapping is marked replaced, so its clients learn to
+/// re-attach; releases they make into it are lost to the copy, which keeps
+/// those permits until their holders exit (then reclaimed as usual).
+pub fn recreate(
+    old: &OwnedRegion,
+    config: &Config,
+    now_ns: u64,
+) -> Result<OwnedRegion, RegionError> {
+    let path = old.path().to_path_buf();
+    let held: u64 = (0..old.region().geometry().caps.classes)
+        .filter_map(|i| old.region().class(i))
+        .map(|c| {
+            let (b, l) = slot_range(c);
+            old.region().slots(b, l).map(slots::in_flight).unwrap_or(0)
+        })
+        .sum();
+    let size = old.region().geometry().size;
+    let mut bytes = vec![0u8; usize::try_from(size).unwrap_or(0)];
+    std::os::unix::fs::FileExt::read_exact_at(old.map().file(), &mut bytes, 0)
+        .map_err(io_err(&path, "copy old region"))?;
+    let (file, fresh) = open_safely(&path, config.region.mode)?;
+    if !fresh {
+        return Err(RegionError::Config(format!(
+            "{} reappeared as another file; not serving it: restart sluiced",
+            path.display()
+        )));
+    }
+    if !try_lock(&file).map_err(io_err(&path, "lock"))? {
+        return Err(RegionError::Locked {
+            path,
+            pid: String::new(),
+        });
+    }
+    file.set_permissions(std::fs::Permissions::from_mode(config.region.mode))
+        .map_err(io_err(&path, "chmod"))?;
+    // Clear the version so nobody attaches the copy before it is ready.
+    bytes[8..12].copy_from_slice(&0u32.to_le_bytes());
+    std::os::unix::fs::FileExt::write_all_at(&file, &bytes, 0)
+        .map_err(io_err(&path, "write copy"))?;
+    let map = RegionMap::open_unpublished(&path, &file)
+        .map_err(|e| RegionError::Config(e.to_string()))?;
+    let owned = OwnedRegion { map, created: true };
+    let h = owned.region().header();
+    let generation = fresh_generation(now_ns);
+    // Relaxed: published by `publish` below.
+    h.generation.store(generation, Ordering::Relaxed);
+    h.flags.store(0, Ordering::Relaxed);
+    h.daemon_pid.store(std::process::id(), Ordering::Relaxed);
+    owned.region().publish();
+    std::mem::forget(file);
+    // Relaxed: an advisory flag the old mapping's clients read.
+    old.region()
+        .header()
+        .flags
+        .fetch_or(sluice_shm_layout::layout::FLAG_REPLACED, Ordering::Relaxed);
+    tracing::error!(
+        region = %path.display(),
+        generation,
+        carried_over = held,
+        "region file vanished (RemoveIPC or rm?): re-created it from the daemon's copy; clients must re-attach; permits held in it stay counted until their holders exit"
+    );
+    Ok(owned)
 }

@@ -5,7 +5,9 @@
 //!    `smaller_scope` with that largest cost. Nothing is taken.
 //! 2. **Slots** (if the class has `max_in_flight`): claim `n` slot words
 //!    below the lane's ceiling ([`crate::slots::claim`]). None free: refused
-//!    `not_now`, no retry-after (no ETA is known on this path).
+//!    `not_now`, no retry-after (no ETA is known on this path). After a
+//!    reload lowered the limit, the held count is checked after the claim
+//!    and the claim given back if over, so held permits drain down.
 //! 3. **Tokens** (if the class has a rate): one CAS on `tat`
 //!    ([`crate::bucket`]). Red: the slots taken in step 2 are given back,
 //!    then refused `not_now` with the exact retry-after.
@@ -131,6 +133,20 @@ pub fn decide(
                     largest: None,
                 }
             }
+        }
+        // A reload lowered `max_in_flight` below the slots the class owns:
+        // permits held above the new limit still count. Take, then count
+        // every held word, and give back if over (never over-admits; two
+        // racers may both give back).
+        if slot_words.len() > p.max_in_flight as usize
+            && slots::in_flight(slot_words) > u64::from(p.max_in_flight)
+        {
+            slots::release(slot_words, &grant, tag);
+            return Admission::Refused {
+                reason: Reason::NotNow,
+                retry_after_ns: None,
+                largest: None,
+            };
         }
     }
 

@@ -174,6 +174,20 @@ impl RateParams {
     }
 }
 
+impl RateParams {
+    /// The `tat` that carries a bucket over to new parameters (a reload):
+    /// it keeps the tokens it had, trimmed to the new burst. `old` is the
+    /// bucket's previous parameters, `tat` its word, `now` bucket time.
+    pub fn carry_over(&self, old: &RateParams, tat: u64, now: u64) -> u64 {
+        let debt = u128::from(tat.saturating_sub(now));
+        let old_room = u128::from(old.burst) * u128::from(old.t);
+        let had = old_room.saturating_sub(debt) / u128::from(old.t.max(1));
+        let keep = had.min(u128::from(self.burst));
+        let new_debt = (u128::from(self.burst) - keep) * u128::from(self.t);
+        u64::try_from(u128::from(now) + new_debt).unwrap_or(u64::MAX)
+    }
+}
+
 /// Convert fixed-point units to nanoseconds, rounding up (a retry-after must
 /// never be early).
 pub fn units_to_ns_ceil(units: u64) -> u64 {

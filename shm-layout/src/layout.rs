@@ -69,6 +69,9 @@ pub const PAGE: usize = 4096;
 
 /// Header `flags` bit: the daemon is draining; new work is refused.
 pub const FLAG_DRAINING: u32 = 1;
+/// Header `flags` bit: this region's file vanished and the daemon re-created
+/// it (a copy, with a new generation) at the same path: re-attach.
+pub const FLAG_REPLACED: u32 = 2;
 
 /// `tenant_flags` bit: a full tenant table sends unknown keys to one shared
 /// overflow bucket instead of refusing them.
@@ -746,6 +749,17 @@ impl Region {
             .store(LAYOUT_VERSION, Ordering::Release);
     }
 
+    /// View a mapping whose geometry the caller has already checked (with
+    /// [`check_header_bytes`]) but whose version may not be published yet.
+    ///
+    /// # Safety
+    ///
+    /// As for [`Region::attach`], and `geo` must be the checked geometry of
+    /// this very mapping.
+    pub unsafe fn from_checked(base: NonNull<u8>, geo: Geometry) -> Self {
+        Self { base, geo }
+    }
+
     /// The validated geometry.
     pub fn geometry(&self) -> Geometry {
         self.geo
@@ -1063,7 +1077,12 @@ mod tests {
         let slots_end = geo.off_slots + u64::from(c.slots) * SLOT_SIZE as u64;
         assert!(geo.off_tickets >= slots_end);
         assert!(geo.off_tickets < slots_end + line);
-        let end = geo.off_tickets + u64::from(c.tickets) * TICKET_SIZE as u64;
+        let tickets_end = geo.off_tickets + u64::from(c.tickets) * TICKET_SIZE as u64;
+        assert!(geo.off_deps >= tickets_end);
+        assert!(geo.off_tiers >= geo.off_deps + u64::from(DEPS) * DEP_SIZE as u64);
+        assert!(geo.off_tenants >= geo.off_tiers + u64::from(TIERS) * TIER_SIZE as u64);
+        assert_eq!(geo.off_tenants % line, 0);
+        let end = geo.off_tenants + u64::from(c.tenants) * TENANT_SIZE as u64;
         assert!(geo.size >= end);
         assert!(geo.size < end + PAGE as u64 + line);
     }
@@ -1118,7 +1137,9 @@ mod tests {
             small.off_counters + COUNTER_BLOCK_SIZE as u64
         );
         assert_eq!(small.off_tickets, small.off_slots + LINE as u64);
-        let end = small.off_tickets + TICKET_SIZE as u64;
+        let tickets_end = small.off_tickets + TICKET_SIZE as u64;
+        assert_eq!(small.off_deps, tickets_end.div_ceil(LINE as u64) * LINE as u64);
+        let end = small.off_tenants + 8 * TENANT_SIZE as u64;
         assert_eq!(small.size, end.div_ceil(PAGE as u64) * PAGE as u64);
     }
 

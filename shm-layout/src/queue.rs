@@ -438,6 +438,13 @@ fn take_for(
         let ceiling = p.ceiling(lane) as usize;
         let soft = p.soft_in_flight as usize;
         grant = slots::claim(view.slots, ceiling, soft, cost, tag).ok_or(Dispatch::BlockedSlots)?;
+        // Held above a limit a reload lowered: see `admit::decide`.
+        if view.slots.len() > p.max_in_flight as usize
+            && slots::in_flight(view.slots) > u64::from(p.max_in_flight)
+        {
+            slots::release(view.slots, &grant, tag);
+            return Err(Dispatch::BlockedSlots);
+        }
     }
     let mut yellow = false;
     if let Some(rate) = &p.rate {

@@ -37,6 +37,12 @@ struct Args {
 }
 
 fn main() -> ExitCode {
+    // Before anything else: a SIGHUP that arrives while we start must not
+    // kill us (its default action); it is acted on once the loop runs.
+    if let Err(e) = daemon::install_signals() {
+        eprintln!("sluiced: installing signal handlers: {e}");
+        return ExitCode::from(exit::OSERR as u8);
+    }
     let args = match Args::try_parse() {
         Ok(a) => a,
         Err(e) => {
