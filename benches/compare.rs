@@ -47,7 +47,7 @@ use governor::clock::MonotonicClock;
 use governor::{Quota, RateLimiter};
 use memmap2::MmapMut;
 use sluice_client::clock::monotonic_ns;
-use sluice_client::{Client, Decision, Request};
+use sluice_client::{Client, Decision, Outcome, Request};
 use sluice_shm_layout::sync::{AtomicU32, AtomicU64, Ordering};
 
 /// Selects a worker role in a re-executed child.
@@ -62,6 +62,22 @@ const END_ENV: &str = "SLUICE_BENCH_END_NS";
 const CPU_ENV: &str = "SLUICE_BENCH_CPU";
 /// The inherited socket descriptor of the RPC helper.
 const FD_ENV: &str = "SLUICE_BENCH_FD";
+/// The shm file whose first word tells the handoff partner to stop.
+const STOP_ENV: &str = "SLUICE_BENCH_STOP";
+
+/// The region of the `sluice_handoff` row: one class of one slot, and
+/// small queues (a dispatch scans every ticket record of the class).
+const HANDOFF_CONFIG: &str = r#"
+[daemon]
+capacity = { classes = 2, clients = 16, tickets = 64, slots = 16 }
+
+[region]
+mode = "0600"
+
+[classes.handoff]
+max_in_flight = 1
+queue_depth = 2
+"#;
 
 /// A batch is grown until it takes at least this long.
 const TARGET_BATCH_NS: u64 = 10_000;
@@ -823,6 +839,133 @@ fn row_futex(plan: &Plan, rows: &mut Vec<Row>) {
     let _ = partner.wait();
 }
 
+/// The ticket records of class `name` in the region `client` is attached to.
+fn class_tickets<'c>(
+    client: &'c Client,
+    name: &str,
+) -> &'c [sluice_shm_layout::queue::TicketRecord] {
+    let idx = client.class(name).unwrap().index();
+    let region = client.region_map().expect("attached").region();
+    let rec = region.class(idx).expect("the class record exists");
+    // Relaxed: fixed while the class lives; nothing reloads it here.
+    let (base, len) = (
+        rec.ticket_base.load(Ordering::Relaxed),
+        rec.ticket_len.load(Ordering::Relaxed),
+    );
+    region
+        .tickets(base, len)
+        .expect("the class's tickets are in the table")
+}
+
+/// Wait (spinning, then yielding) until some ticket of the class is
+/// `QUEUED`, or `stop` is set. Untimed by the caller's intent: it only makes
+/// sure the release below hands off to a waiter instead of to nobody.
+fn until_queued(tickets: &[sluice_shm_layout::queue::TicketRecord], stop: &AtomicU32) {
+    use sluice_shm_layout::queue::{TicketWord, T_QUEUED};
+    let mut spins = 0u32;
+    loop {
+        // Acquire pairs with the enqueuer's SeqCst publish.
+        let queued = tickets
+            .iter()
+            .any(|t| TicketWord::decode(t.state.load(Ordering::Acquire)).state == T_QUEUED);
+        // Acquire: pairs with the parent's Release store of 1.
+        if queued || stop.load(Ordering::Acquire) != 0 {
+            return;
+        }
+        spins += 1;
+        if spins < 64 {
+            std::hint::spin_loop();
+        } else {
+            std::thread::yield_now();
+        }
+    }
+}
+
+/// The handoff partner: `acquire` (it waits, asleep on its ticket's futex,
+/// while the parent holds), then as soon as the parent waits in turn,
+/// release (handing the slot to it); exit when told to stop.
+fn handoff_partner() {
+    let path = PathBuf::from(std::env::var_os(PATH_ENV).expect("a worker is given a path"));
+    let stop_path = PathBuf::from(std::env::var_os(STOP_ENV).expect("a stop word"));
+    let stop_shm = ShmFile::open(&stop_path);
+    let stop = stop_shm.u32_word();
+    let client = Client::attach(&path).expect("attach to the handoff region");
+    let class = client.class("handoff").unwrap();
+    let tickets = class_tickets(&client, "handoff");
+    let req = Request::new();
+    loop {
+        let permit = match class.acquire(&req, Duration::from_secs(10)) {
+            Ok(Outcome::Admitted(p)) => p,
+            other => panic!("the handoff partner was not granted: {other:?}"),
+        };
+        // Acquire: pairs with the parent's Release store of 1.
+        if stop.load(Ordering::Acquire) != 0 {
+            return;
+        }
+        until_queued(tickets, stop);
+        drop(permit);
+    }
+}
+
+/// `sluice_handoff`: one permit of a `max_in_flight = 1` class ping-ponged
+/// between this process and a partner through `acquire`. One round trip:
+/// wait until the partner's ticket is queued, release (the release grants
+/// the partner's ticket and wakes it: FUTEX_WAKE on its ticket word), then
+/// `acquire`, which queues and sleeps until the partner, woken and holding,
+/// sees us queued and releases back. Reported like `futex_pingpong`: one
+/// way = round trip / 2. No daemon runs (the releasers dispatch).
+fn row_handoff(plan: &Plan, rows: &mut Vec<Row>) {
+    let dir = tempfile::Builder::new()
+        .prefix("sluice-bench-handoff-")
+        .tempdir_in(common::shm_dir())
+        .unwrap();
+    let path = dir.path().join("region");
+    let config = sluice_daemon::config::Config::parse(HANDOFF_CONFIG, "handoff")
+        .expect("HANDOFF_CONFIG is a valid config");
+    let owned = sluice_daemon::region::open_region(&path, &config, monotonic_ns())
+        .expect("a fresh region in a private temp dir");
+    let stop_shm = ShmFile::create("handoff-stop");
+    let stop = stop_shm.u32_word();
+    let client = Client::attach(&path).unwrap();
+    let class = client.class("handoff").unwrap();
+    let tickets = class_tickets(&client, "handoff");
+    let req = Request::new();
+    let mut held = Some(
+        class
+            .try_acquire(&req)
+            .unwrap()
+            .permit()
+            .expect("the slot is free before the partner starts"),
+    );
+    let mut partner = self_command("handoff_partner")
+        .env(PATH_ENV, &path)
+        .env(STOP_ENV, &stop_shm.path)
+        .spawn()
+        .expect("the bench can start its handoff partner");
+    let mut op = |n: u64| {
+        for _ in 0..n {
+            until_queued(tickets, stop);
+            drop(held.take());
+            match class.acquire(&req, Duration::from_secs(10)) {
+                Ok(Outcome::Admitted(p)) => held = Some(p),
+                other => panic!("the handoff partner stopped answering: {other:?}"),
+            }
+        }
+        0
+    };
+    let start = monotonic_ns() + plan.warm.as_nanos() as u64;
+    let end = start + plan.measure.as_nanos() as u64;
+    let m = measure(&mut op, start, end);
+    rows.push(Row::from_measured("sluice_handoff", 2, vec![m], 2.0));
+    // Release: the partner's acquire is granted, it sees the stop word and
+    // exits.
+    stop.store(1, Ordering::Release);
+    drop(held);
+    let _ = partner.wait();
+    drop(client);
+    drop(owned);
+}
+
 /// `part_decide_*`: `admit::decide` (shape check, slot claim, bucket take)
 /// and the slot release, with the class limits loaded once outside the loop
 /// and no client around it. With `epoch` the clock is read each time, as
@@ -1058,6 +1201,15 @@ fn targets(rows: &[Row]) -> Vec<Target> {
             at_most: true,
         },
         Target {
+            label: "procs=2 sluice_handoff / futex_pingpong",
+            value: div(
+                find(rows, "sluice_handoff", 2).and_then(|r| r.median_ns),
+                find(rows, "futex_pingpong", 2).and_then(|r| r.median_ns),
+            ),
+            bound: 1.3,
+            at_most: true,
+        },
+        Target {
             label: "unix_socket_rpc / sluice_both",
             value: div(m("unix_socket_rpc"), m("sluice_both")),
             bound: 100.0,
@@ -1167,6 +1319,7 @@ fn main() {
         match role.as_str() {
             "rpc_server" => rpc_server(),
             "futex_partner" => futex_partner(),
+            "handoff_partner" => handoff_partner(),
             _ => worker(&role),
         }
         return;
@@ -1202,7 +1355,7 @@ fn main() {
     row_flock(&plan, &mut rows);
     row_sysv(&plan, &mut rows);
     row_unix_rpc(&plan, &mut rows);
-    rows.push(Row::missing("sluice_handoff", 2, "not built yet"));
+    row_handoff(&plan, &mut rows);
     row_futex(&plan, &mut rows);
     rows_breakdown(&plan, &mut rows);
 

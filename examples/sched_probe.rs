@@ -131,7 +131,7 @@ fn hold(args: &Args, permit: Permit<'_>) {
             if monotonic_ns() >= at_ns {
                 break;
             }
-            if at_ns - monotonic_ns() > 2_000_000 {
+            if at_ns.saturating_sub(monotonic_ns()) > 2_000_000 {
                 std::thread::sleep(Duration::from_millis(1));
             }
             continue;

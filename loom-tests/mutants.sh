@@ -16,7 +16,7 @@ set -u
 cd "$(dirname "$0")/.."
 export RUSTFLAGS="--cfg loom"
 export LOOM_MAX_PREEMPTIONS=3
-export CARGO_TARGET_DIR=/work/target-loom
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/work/target-loom}
 
 work=$(mktemp -d)
 target_file=""
@@ -105,6 +105,7 @@ B=shm-layout/src/bucket.rs
 S=shm-layout/src/slots.rs
 A=shm-layout/src/admit.rs
 R=shm-layout/src/registry.rs
+Q=shm-layout/src/queue.rs
 
 # The replacement is a perl expression (evaluated with /ee); `$1` is the
 # first group of the pattern.
@@ -136,7 +137,7 @@ mutant slots-claim-keeps-partial $S slots cost_two_races_cost_one_on_two_slots \
     '"$1"'
 # slots: release CAS weakened to Relaxed (work not published to next holder).
 mutant slots-release-relaxed $S slots release_hands_work_to_next_holder \
-    'compare_exchange\(tag, 0, Ordering::Release, Ordering::Relaxed\)' \
+    'compare_exchange\(tag, 0, Ordering::SeqCst, Ordering::Relaxed\)' \
     '"compare_exchange(tag, 0, Ordering::Relaxed, Ordering::Relaxed)"'
 # slots: claim CAS weakened to Relaxed (previous holder's work not acquired).
 mutant slots-claim-relaxed $S slots release_hands_work_to_next_holder \
@@ -161,7 +162,7 @@ mutant admit-red-keeps-slots $A reclaim crash_in_admit_refusal_then_reclaim \
     '"${1}let _ = &grant;"'
 # release: a blind store of 0 instead of CAS(tag -> 0).
 mutant release-blind-store $S reclaim stale_release_after_reclaim_spares_new_holder \
-    'word\s*\.compare_exchange\(tag, 0, Ordering::Release, Ordering::Relaxed\)\s*\.is_ok\(\)' \
+    'word\s*\.compare_exchange\(tag, 0, Ordering::SeqCst, Ordering::Relaxed\)\s*\.is_ok\(\)' \
     '"{ let _ = tag; word.store(0, Ordering::Release); true }"'
 
 # registry: claim is a load-then-store instead of a CAS.
@@ -176,6 +177,40 @@ mutant registry-claim-skips-state-check $R registry claim_on_full_registry_one_g
 mutant registry-transition-load-then-store $R registry activate_races_dead_transition \
     'word\s*\.compare_exchange\(a, b, Ordering::AcqRel, Ordering::Acquire\)\s*\.is_ok\(\)' \
     '"if word.load(Ordering::Acquire) == a { word.store(b, Ordering::Release); true } else { false }"'
+
+# queue: the grant's QUEUED -> GRANTING CAS is a blind store.
+mutant queue-grant-blind-store $Q queue cancel_races_grant \
+    'if transition\(rec, cur, granting\)\.is_err\(\)' \
+    '"if { rec.state.store(granting.encode(), Ordering::SeqCst); false }"'
+# queue: transition is a load-compare-store instead of a CAS.
+mutant queue-transition-load-then-store $Q queue expire_races_grant \
+    'rec\.state\s*\.compare_exchange\(\s*expect\.encode\(\),\s*to\.encode\(\),\s*Ordering::SeqCst,\s*Ordering::SeqCst,?\s*\)' \
+    '"{ let cur = rec.state.load(Ordering::SeqCst); if cur == expect.encode() { rec.state.store(to.encode(), Ordering::SeqCst); Ok(cur) } else { Err(cur) } }"'
+# queue: a dispatcher that lost the GRANTING CAS grants anyway.
+mutant dispatch-ignores-lost-granting $Q queue two_dispatchers_one_ticket \
+    'if transition\(rec, cur, granting\)\.is_err\(\) \{\s*continue;\s*\}' \
+    '"let _ = transition(rec, cur, granting);"'
+# queue: GRANTING does not record the granter (its death can't be undone).
+mutant granting-forgets-granter $Q queue dead_granter_rolled_back \
+    'cur\.with\(T_GRANTING, \(granter \+ 1\) & 0xFFFF\)' \
+    '"cur.with(T_GRANTING, 0)"'
+# queue: release_tagged misses the last slot word (recovery leaks it).
+mutant release-tagged-skips-last-word $Q queue dead_granter_rolled_back \
+    'for w in words \{(\s*// Relaxed: a hint; `release_one` is the decision)' \
+    '"for w in &words[..words.len().saturating_sub(1)] {$1"'
+# queue: a blocked grant leaves the ticket GRANTING (no roll back to QUEUED).
+mutant dispatch-blocked-keeps-granting $Q queue no_lost_wakeup_enqueue_vs_release_with_waiter_loop \
+    'let _ = transition\(rec, granting, cur\);' \
+    '"let _ = (granting, cur);"'
+# queue: a dispatcher that rolled a ticket back does not look again for a
+# slot freed while it was GRANTING (lost wake-up).
+mutant dispatch-rollback-no-second-look $Q queue no_lost_wakeup_enqueue_vs_release \
+    '&& !retried' \
+    '"&& false"'
+# queue: clearing idle bits ignores lanes with a ticket being granted.
+mutant clear-bits-ignores-granting $Q queue release_handoff_vs_new_try_acquire \
+    'if again\.queued\[lane\] > 0 \|\| again\.granting\[lane\] > 0 \{' \
+    '"if again.queued[lane] > 0 {"'
 
 echo "caught $caught of $total"
 if [ "$caught" -lt "$total" ]; then

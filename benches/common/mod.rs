@@ -23,7 +23,7 @@ use sluice_daemon::region::{open_region, OwnedRegion};
 /// - `one`: `max_in_flight = 1`, for the refused path.
 pub const BENCH_CONFIG: &str = r#"
 [daemon]
-capacity = { classes = 8, clients = 256, tickets = 64, slots = 1024 }
+capacity = { classes = 8, clients = 256, tickets = 65536, slots = 1024 }
 
 [region]
 mode = "0600"

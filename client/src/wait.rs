@@ -268,15 +268,14 @@ impl<'c> ClassHandle<'c> {
                         }
                     }
                 }
-                None => {
-                    // The pool is empty: decide without a ticket.
-                    let d = self.try_acquire(req)?;
-                    let not_now =
-                        matches!(&d, crate::Decision::Refused(r) if r.reason == Reason::NotNow);
-                    if !not_now || wait_ns == 0 {
-                        return Ok(Enqueued::Done(d.into()));
-                    }
+                None if wait_ns == 0 => {
+                    // The pool is empty and the caller will not wait:
+                    // decide without a ticket (counted once, there).
+                    policy::give_back(&ctx, &taken);
+                    return Ok(Enqueued::Done(self.try_acquire(req)?.into()));
                 }
+                // The pool is empty: go and wait in the queue.
+                None => {}
             }
         } else if wait_ns == 0 {
             policy::give_back(&ctx, &taken);

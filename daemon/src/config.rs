@@ -594,6 +594,25 @@ impl Default for Lanes {
 }
 
 impl ClassConfig {
+    /// Ticket records per lane: a full queue plus as many tickets granted
+    /// from it and still held.
+    pub fn tickets_per_lane(&self) -> u32 {
+        self.queue_depth.saturating_mul(2)
+    }
+
+    /// Ticket records the class reserves in the region: four lanes, then a
+    /// pool for tickets granted without waiting (one per slot up to 1024;
+    /// 64 for a class without slots).
+    pub fn ticket_records(&self) -> u32 {
+        let pool = match self.max_in_flight {
+            Some(m) => (m as u32).min(1024),
+            None => 64,
+        };
+        self.tickets_per_lane()
+            .saturating_mul(4)
+            .saturating_add(pool)
+    }
+
     /// How many slots each lane may hold, in lane order (critical,
     /// interactive, batch, maintenance): `max(1, ceil(share ×
     /// max_in_flight))`. `None` when the class has no slots.
@@ -663,6 +682,7 @@ impl<'a> Checker<'a> {
         let class_count = raw_classes.len();
         let mut classes = Vec::with_capacity(class_count);
         let mut slots_total: u64 = 0;
+        let mut tickets_total: u64 = 0;
         for (index, (name, class)) in raw_classes.into_iter().enumerate() {
             // The region's class table has room for capacity.classes entries;
             // point at the first class that does not fit.
@@ -683,7 +703,28 @@ impl<'a> Checker<'a> {
                 .max_in_flight
                 .as_ref()
                 .map_or_else(|| name.span(), Spanned::span);
+            let depth_span = class
+                .queue_depth
+                .as_ref()
+                .map_or_else(|| name.span(), Spanned::span);
             let checked = self.class(name, class, &dependencies, tenants.is_some())?;
+
+            // Every class reserves ticket records for its queues; point at
+            // the class that first overflows the ticket table.
+            tickets_total += u64::from(checked.ticket_records());
+            if tickets_total > u64::from(daemon.capacity.tickets) {
+                return Err(self.at(
+                    depth_span,
+                    format!(
+                        "classes.{} needs {} ticket records (4 lanes x 2 x queue_depth {}, plus                          one per slot up to 1024, or 64 without slots), bringing all classes to                          {tickets_total}, more than daemon.capacity.tickets = {}; raise                          daemon.capacity.tickets (at most {}) or lower queue_depth",
+                        checked.name,
+                        checked.ticket_records(),
+                        checked.queue_depth,
+                        daemon.capacity.tickets,
+                        limits::MAX_TICKETS
+                    ),
+                ));
+            }
 
             // Every slot of every class is one word of the region's slot
             // table; point at the max_in_flight that first overflows it.

@@ -669,22 +669,14 @@ fn ticket_range(rec: &ClassRecord) -> (u32, u32) {
     )
 }
 
-/// Ticket records per lane: room for a full queue and as many tickets
-/// granted from it and still held.
+/// Ticket records per lane (see [`ClassConfig::tickets_per_lane`]).
 pub fn tickets_per_lane(class: &ClassConfig) -> u32 {
-    class.queue_depth.saturating_mul(2)
+    class.tickets_per_lane()
 }
 
-/// Ticket records a class needs: four lanes, then a pool for tickets granted
-/// without waiting (one per slot up to 1024; 64 for a class without slots).
+/// Ticket records a class needs (see [`ClassConfig::ticket_records`]).
 pub fn tickets_needed(class: &ClassConfig) -> u32 {
-    let pool = match class.max_in_flight {
-        Some(m) => (m as u32).min(1024),
-        None => 64,
-    };
-    tickets_per_lane(class)
-        .saturating_mul(4)
-        .saturating_add(pool)
+    class.ticket_records()
 }
 
 /// Tier names in config order (their record index), checked to fit.

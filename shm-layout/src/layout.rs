@@ -1138,7 +1138,10 @@ mod tests {
         );
         assert_eq!(small.off_tickets, small.off_slots + LINE as u64);
         let tickets_end = small.off_tickets + TICKET_SIZE as u64;
-        assert_eq!(small.off_deps, tickets_end.div_ceil(LINE as u64) * LINE as u64);
+        assert_eq!(
+            small.off_deps,
+            tickets_end.div_ceil(LINE as u64) * LINE as u64
+        );
         let end = small.off_tenants + 8 * TENANT_SIZE as u64;
         assert_eq!(small.size, end.div_ceil(PAGE as u64) * PAGE as u64);
     }

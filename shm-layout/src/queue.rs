@@ -274,6 +274,9 @@ pub struct Best {
     pub seq: u64,
     /// `QUEUED` tickets per effective lane.
     pub queued: [u32; 4],
+    /// `GRANTING` tickets per lane (being granted now; may go back to
+    /// `QUEUED`).
+    pub granting: [u32; 4],
 }
 
 /// Find the best `QUEUED` ticket: lowest effective lane, then lowest
@@ -282,9 +285,16 @@ pub struct Best {
 pub fn best(records: &[TicketRecord], now_ns: u64, age_after_ns: u64) -> Best {
     let mut b = Best::default();
     for (i, rec) in records.iter().enumerate() {
-        // Acquire pairs with the enqueuer's SeqCst publish: seq, lane and
-        // enqueue time are visible with QUEUED.
-        if TicketWord::decode(rec.state.load(Ordering::Acquire)).state != T_QUEUED {
+        // SeqCst: pairs with the enqueuer's SeqCst publish (seq, lane and
+        // enqueue time are visible with QUEUED) and takes part in the
+        // no-lost-wake-up argument (a plain load on x86).
+        let st = TicketWord::decode(rec.state.load(Ordering::SeqCst)).state;
+        if st == T_GRANTING {
+            let lane = rec.lane.load(Ordering::Relaxed).min(3) as usize;
+            b.granting[lane] += 1;
+            continue;
+        }
+        if st != T_QUEUED {
             continue;
         }
         // Relaxed: ordered after the Acquire load above; fixed while queued.
@@ -351,6 +361,7 @@ pub fn dispatch(
     now_units: u64,
 ) -> (Dispatch, u32) {
     let mut granted = 0;
+    let mut retried = false;
     if view.held {
         return (Dispatch::Held, 0);
     }
@@ -392,7 +403,7 @@ pub fn dispatch(
         }
         crate::crash_point!((Dispatch::Budget(granted), granted));
         match take_for(view, rec, b.lane as usize, now_units) {
-            Ok(degraded) => {
+            Ok((degraded, grant)) => {
                 if degraded {
                     // Relaxed: read by the owner after it sees GRANTED
                     // (ordered by the SeqCst transition below).
@@ -403,6 +414,12 @@ pub fn dispatch(
                 if transition(rec, granting, cur.with(T_GRANTED, 0)).is_ok() {
                     wake(rec);
                     granted += 1;
+                } else {
+                    // The reclaimer took the ticket (its owner died): the
+                    // slots we claimed for it are nobody's; give them back.
+                    // Relaxed: written before the ticket was published.
+                    let tag = rec.tag.load(Ordering::Relaxed);
+                    slots::release(view.slots, &grant, tag);
                 }
             }
             Err(stop) => {
@@ -413,6 +430,20 @@ pub fn dispatch(
                     rec.flags.fetch_and(!FLAG_WAITING_TOKENS, Ordering::Relaxed);
                 }
                 let _ = transition(rec, granting, cur);
+                // A slot freed while the ticket was GRANTING: its releaser
+                // may have seen the ticket as taken and gone away. Look
+                // again (SeqCst, after our SeqCst roll-back) so the slot is
+                // not left free beside a waiting ticket.
+                // SeqCst fence: orders our roll-back before the look at
+                // the slots, against the releaser's free-then-read-bits.
+                crate::sync::fence(Ordering::SeqCst);
+                if stop == Dispatch::BlockedSlots
+                    && !retried
+                    && slots::any_free(view.slots, view.params.ceiling(b.lane as usize) as usize)
+                {
+                    retried = true;
+                    continue;
+                }
                 return (stop, granted);
             }
         }
@@ -427,7 +458,7 @@ fn take_for(
     rec: &TicketRecord,
     lane: usize,
     now_units: u64,
-) -> Result<bool, Dispatch> {
+) -> Result<(bool, SlotGrant), Dispatch> {
     // Relaxed: written before the ticket was published QUEUED, which we
     // observed (and then won GRANTING) with SeqCst.
     let tag = rec.tag.load(Ordering::Relaxed);
@@ -437,6 +468,11 @@ fn take_for(
     if p.max_in_flight > 0 {
         let ceiling = p.ceiling(lane) as usize;
         let soft = p.soft_in_flight as usize;
+        // SeqCst fence: the claim's scan reads slot words with Relaxed
+        // loads; after this fence they see every slot freed (by a SeqCst
+        // CAS) before our SeqCst steps, the releaser's half of the
+        // no-lost-wake-up argument. Slow path only (a grant from the queue).
+        crate::sync::fence(Ordering::SeqCst);
         grant = slots::claim(view.slots, ceiling, soft, cost, tag).ok_or(Dispatch::BlockedSlots)?;
         // Held above a limit a reload lowered: see `admit::decide`.
         if view.slots.len() > p.max_in_flight as usize
@@ -461,7 +497,7 @@ fn take_for(
             }
         }
     }
-    Ok(yellow || grant.degraded)
+    Ok((yellow || grant.degraded, grant))
 }
 
 /// Clear the `waiters` bits of lanes that hold no ticket, then look again
@@ -476,8 +512,8 @@ fn clear_idle_bits(view: &ClassView<'_>, now_ns: u64) {
     view.waiters.fetch_and(!bits, Ordering::SeqCst);
     let again = best(view.tickets, now_ns, view.age_after_ns);
     let mut restore = 0;
-    for (lane, &n) in again.queued.iter().enumerate() {
-        if n > 0 {
+    for lane in 0..4 {
+        if again.queued[lane] > 0 || again.granting[lane] > 0 {
             restore |= 1 << lane;
         }
     }
@@ -568,14 +604,17 @@ pub struct EtaInput<'a> {
 /// An honest ETA for a queued ticket, in ns from now, or `None` if unknown.
 ///
 /// - Waiting for tokens: the bucket admits the cumulative cost `cost_ahead`
-///   (this ticket's included) at `tat + (cost_ahead − burst)·T`.
+///   (this ticket's included) at `max(tat, now) + (cost_ahead − burst)·T`.
 /// - Waiting for slots: `position / grants_per_sec`, where the rate is the
 ///   daemon's sample of recent grants; unknown (None) with no sample.
 pub fn eta_ns(e: &EtaInput<'_>) -> Option<u64> {
     let token_eta = e.rate.map(|r| {
-        let need = u128::from(e.cost_ahead.saturating_sub(r.burst)) * u128::from(r.t);
-        let at = u128::from(e.tat_units.max(e.now_units)) + need;
-        let units = at.saturating_sub(u128::from(e.now_units));
+        // tat + (n − burst)·T − now, which is below tat when n < burst;
+        // never before now.
+        let t = i128::from(r.t);
+        let at = i128::from(e.tat_units.max(e.now_units))
+            + (i128::from(e.cost_ahead) - i128::from(r.burst)) * t;
+        let units = (at - i128::from(e.now_units)).max(0);
         crate::bucket::units_to_ns_ceil(u64::try_from(units).unwrap_or(u64::MAX))
     });
     let slot_eta = if !e.has_slots || e.slot_free {

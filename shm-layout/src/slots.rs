@@ -190,6 +190,15 @@ pub fn reclaim(slots: &[AtomicU64], owner: Owner) -> u64 {
     freed
 }
 
+/// True when a word below `ceiling` is free. SeqCst loads: used by a
+/// dispatcher after its SeqCst roll-back, against a releaser's SeqCst free
+/// (see `queue`).
+pub fn any_free(slots: &[AtomicU64], ceiling: usize) -> bool {
+    slots[..ceiling.min(slots.len())]
+        .iter()
+        .any(|w| w.load(Ordering::SeqCst) == 0)
+}
+
 /// Number of held slots. A racy snapshot: each word is read once, so the
 /// answer is a count that was true of every word at some moment during the
 /// scan; stats and tests at rest need no more.

@@ -466,3 +466,46 @@ pub fn alive(pid: u32) -> bool {
         Err(_) => false,
     }
 }
+
+static BUILD_EXAMPLES: Once = Once::new();
+
+/// The path of an example binary of the root package (`examples/NAME.rs`),
+/// built by cargo once per test executable, like [`bin`]: `cargo test
+/// --test X` does not build examples.
+pub fn example(name: &str) -> PathBuf {
+    BUILD_EXAMPLES.call_once(build_examples);
+    let path = profile_dir().join("examples").join(name);
+    assert!(
+        path.exists(),
+        "{} does not exist: build it with `cargo build --examples`",
+        path.display()
+    );
+    path
+}
+
+/// Build the root package's examples into the target directory this test
+/// runs from.
+fn build_examples() {
+    let dir = profile_dir();
+    let target = dir.parent().expect("target/<profile> has a parent");
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.args(["build", "--quiet", "-p", "sluice", "--examples"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env("CARGO_TARGET_DIR", target);
+    match dir.file_name().and_then(|n| n.to_str()) {
+        Some("debug") | None => {}
+        Some("release") => {
+            cmd.arg("--release");
+        }
+        Some(profile) => {
+            cmd.args(["--profile", profile]);
+        }
+    }
+    let out = output_within(&mut cmd, Duration::from_secs(600));
+    assert!(
+        out.status.success(),
+        "building the examples failed:\n{}",
+        stderr(&out)
+    );
+}
