@@ -366,6 +366,12 @@ impl Client {
             return Err(AttachError::Revoked { path });
         }
         let epoch_ns = region.epoch_ns();
+        // Tell the daemon we are here (one datagram, best effort), so it
+        // watches this process from now rather than from its next scan.
+        if let Ok(sock) = std::os::unix::net::UnixDatagram::unbound() {
+            let _ = sock.set_nonblocking(true);
+            let _ = sock.send_to(b"attach", map::wake_socket(&path));
+        }
         Ok(Client {
             attached: Some(Attached {
                 map,

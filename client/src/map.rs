@@ -242,3 +242,11 @@ fn open_error(path: &Path, access: &'static str, e: io::Error) -> OpenError {
         },
     }
 }
+
+/// The datagram socket an attaching client pokes so the daemon watches it
+/// at once: the region path with `.wake` added.
+pub fn wake_socket(region: &Path) -> PathBuf {
+    let mut s = region.as_os_str().to_os_string();
+    s.push(".wake");
+    PathBuf::from(s)
+}

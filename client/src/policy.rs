@@ -66,6 +66,21 @@ fn refusal(reason: Reason, retry_after_ns: Option<u64>, largest_cost: Option<u64
     }
 }
 
+/// `Taken::tenant` of the shared overflow bucket.
+const OVERFLOW: usize = usize::MAX;
+
+/// A tenant record by table index, or the overflow bucket.
+fn tenant_record(
+    region: &sluice_shm_layout::layout::Region,
+    i: usize,
+) -> Option<&sluice_shm_layout::tenants::TenantRecord> {
+    if i == OVERFLOW {
+        Some(region.tenant_overflow())
+    } else {
+        region.tenants().get(i)
+    }
+}
+
 /// The tier buckets of a tenant record.
 fn tier_params(tier: &TierRecord) -> (Option<RateParams>, Option<RateParams>) {
     // Relaxed: config values written by the daemon; each is clamped/checked.
@@ -143,12 +158,11 @@ pub(crate) fn gates(
                 if !shared {
                     return Ok(Gates::Refuse(refusal(Reason::Quota, None, None)));
                 }
-                // The shared overflow bucket is the table's last record.
-                table.len().checked_sub(1)
+                Some(OVERFLOW)
             }
         };
         if let Some(i) = idx {
-            if let Some(rec) = table.get(i) {
+            if let Some(rec) = tenant_record(region, i) {
                 tenants::touch(rec, now_ns);
                 // Relaxed: written before the record was published LIVE.
                 let tier = region.tier(rec.tier.load(Ordering::Relaxed));
@@ -219,7 +233,7 @@ pub(crate) fn gates(
 
     // Tenant quota: check now, take on admission.
     if let Some((i, rate, quota)) = tenant_rec {
-        if let Some(rec) = ctx.attached.map.region().tenants().get(i) {
+        if let Some(rec) = tenant_record(region, i) {
             // Both buckets are checked; the refusal names the later of the
             // two retry times (the one that binds).
             let mut wait = None;
@@ -293,14 +307,15 @@ pub(crate) fn give_back(ctx: &Ctx<'_>, taken: &Taken) {
 /// Finish an admission: charge the tenant, refill the retry budget.
 pub(crate) fn after_admit(ctx: &Ctx<'_>, attempt: u32, taken: &Taken, now_ns: u64) {
     let region = ctx.attached.map.region();
-    if let Some(rec) = taken.tenant.and_then(|i| region.tenants().get(i)) {
+    if let Some(rec) = taken.tenant.and_then(|i| tenant_record(region, i)) {
         // Relaxed: written before the record was published LIVE.
         if let Some(tier) = region.tier(rec.tier.load(Ordering::Relaxed)) {
             let (rate, quota) = tier_params(tier);
             let now_units = ctx.now_units_at(now_ns);
             // Checked before admission; a racing request of the same
-            // tenant may have got there first, in which case this take is
-            // refused and the tenant got one more than its share (marked).
+            // tenant may have got there first, and then this take is
+            // refused: the tenant got one request more than its share.
+            // Known shortcoming: concurrent requests of one tenant may overshoot its buckets by one each.
             for (p, word) in [(rate, &rec.tat), (quota, &rec.quota_tat)] {
                 if let Some(p) = p {
                     let _ = p.take(word, now_units, taken.cost);

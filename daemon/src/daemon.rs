@@ -127,6 +127,21 @@ pub fn run(mut config: Config, opts: Options) -> Result<(), DaemonError> {
             source,
         })?;
     tracing::info!(socket = %socket.display(), "control socket listening");
+    // Attaching clients send a datagram here so the daemon watches them at
+    // once (optional: without it they are found by the next scan).
+    let wake_path = sluice_client::map::wake_socket(&region_path);
+    let _ = std::fs::remove_file(&wake_path);
+    let wake = std::os::unix::net::UnixDatagram::bind(&wake_path)
+        .and_then(|w| {
+            w.set_nonblocking(true)?;
+            std::fs::set_permissions(
+                &wake_path,
+                std::os::unix::fs::PermissionsExt::from_mode(config.region.mode),
+            )?;
+            Ok(w)
+        })
+        .map_err(|e| tracing::warn!(path = %wake_path.display(), error = %e, "no wake socket; new clients are found by the periodic scan"))
+        .ok();
 
     let status = format!(
         "serving {} classes on {}",
@@ -145,6 +160,9 @@ pub fn run(mut config: Config, opts: Options) -> Result<(), DaemonError> {
     watcher = Watcher::default();
     let mut rates = crate::maintain::RateSampler::default();
     let mut last_seed = Instant::now();
+    let mut last_audit_log = Instant::now()
+        .checked_sub(Duration::from_secs(60))
+        .unwrap_or_else(Instant::now);
     let mut breakers = crate::maintain::Breakers::default();
     let mut drain_deadline: Option<Instant> = None;
     let mut owned = owned;
@@ -175,6 +193,18 @@ pub fn run(mut config: Config, opts: Options) -> Result<(), DaemonError> {
         if last_seed.elapsed() >= Duration::from_secs(1) {
             last_seed = Instant::now();
             region::seed_tenant_keys(region, &config, &region::tier_names(&config));
+            crate::maintain::evict_tenants(region);
+            let mut found = crate::maintain::audit_header(region, drain_deadline.is_some());
+            let orphans = crate::maintain::audit_slots(region);
+            if orphans > 0 {
+                found.push(format!(
+                    "{orphans} slot words held by no registered client: returned"
+                ));
+            }
+            if !found.is_empty() && last_audit_log.elapsed() >= Duration::from_secs(10) {
+                last_audit_log = Instant::now();
+                tracing::warn!(findings = %found.join("; "), "region was written by something other than sluice; repaired what the daemon owns");
+            }
         }
         rates.sample(region);
         breakers.tick(region);
@@ -211,7 +241,7 @@ pub fn run(mut config: Config, opts: Options) -> Result<(), DaemonError> {
             notify(&[sd_notify::NotifyState::Watchdog]);
             last_ping = Instant::now();
         }
-        for r in watcher.wait(region, 50) {
+        for r in watcher.wait(region, 50, wake.as_ref()) {
             log_retired(&r);
         }
     }
@@ -224,6 +254,7 @@ pub fn run(mut config: Config, opts: Options) -> Result<(), DaemonError> {
         .flags
         .fetch_and(!FLAG_DRAINING, Ordering::Relaxed);
     let _ = std::fs::remove_file(&socket);
+    let _ = std::fs::remove_file(&wake_path);
     tracing::info!(watching = watcher.watching(), "sluiced stopped");
     Ok(())
 }

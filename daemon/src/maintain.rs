@@ -301,3 +301,112 @@ pub fn class_held(region: &Region, rec: &sluice_shm_layout::layout::ClassRecord)
             })
     })
 }
+
+/// Evict tenant keys idle longer than `idle_after` (two steps with a grace
+/// period in between, see `sluice_shm_layout::tenants`). Keys named in the
+/// config are seeded again by the daemon.
+pub fn evict_tenants(region: &Region) {
+    use sluice_shm_layout::tenants;
+    let table = region.tenants();
+    let now = monotonic_ns();
+    // Relaxed: a config value written by this daemon.
+    let idle = region.header().tenant_idle_ns.load(Ordering::Relaxed);
+    let freed = tenants::finish_evictions(table, now, tenants::EVICTION_GRACE_NS);
+    let marked = if idle > 0 {
+        tenants::evict_idle(table, now, idle)
+    } else {
+        0
+    };
+    if freed > 0 || marked > 0 {
+        tracing::debug!(marked, freed, "tenant keys evicted while idle");
+    }
+}
+
+/// Check the header fields only the daemon writes against what they must
+/// be, repair them, and say what was wrong (the region is untrusted: any
+/// process with write access can scribble on it). `draining` is the
+/// daemon's own state.
+pub fn audit_header(region: &Region, draining: bool) -> Vec<String> {
+    use sluice_shm_layout::layout::{FLAG_DRAINING, LAYOUT_VERSION, MAGIC};
+    let h = region.header();
+    let geo = region.geometry();
+    let mut found = Vec::new();
+    let want_flags = if draining { FLAG_DRAINING } else { 0 };
+    // Relaxed throughout: the daemon is the only legitimate writer of these
+    // fields; clients read them as hints (flags) or once at attach.
+    let flags = h.flags.load(Ordering::Relaxed);
+    if flags != want_flags {
+        found.push(format!(
+            "header flags were {flags:#x}, expected {want_flags:#x}"
+        ));
+        h.flags.store(want_flags, Ordering::Relaxed);
+    }
+    if h.magic.load(Ordering::Relaxed) != MAGIC {
+        found.push("header magic overwritten".into());
+        h.magic.store(MAGIC, Ordering::Relaxed);
+    }
+    if h.layout_version.load(Ordering::Relaxed) != LAYOUT_VERSION {
+        found.push("header layout version overwritten".into());
+        h.layout_version.store(LAYOUT_VERSION, Ordering::Release);
+    }
+    let geometry = [
+        (&h.off_classes, geo.off_classes, "off_classes"),
+        (&h.off_clients, geo.off_clients, "off_clients"),
+        (&h.off_counters, geo.off_counters, "off_counters"),
+        (&h.off_slots, geo.off_slots, "off_slots"),
+        (&h.off_tickets, geo.off_tickets, "off_tickets"),
+        (&h.region_size, geo.size, "region_size"),
+    ];
+    for (field, want, name) in geometry {
+        if field.load(Ordering::Relaxed) != want {
+            found.push(format!("header {name} overwritten"));
+            field.store(want, Ordering::Relaxed);
+        }
+    }
+    let pid = std::process::id();
+    if h.daemon_pid.load(Ordering::Relaxed) != pid {
+        found.push("header daemon pid overwritten".into());
+        h.daemon_pid.store(pid, Ordering::Relaxed);
+    }
+    found
+}
+
+/// Slot words held by no registered client (scribbles, or a bug): returned
+/// and reported. A word's owner must be a non-free client record of the
+/// same generation.
+pub fn audit_slots(region: &Region) -> u64 {
+    use sluice_shm_layout::slots::{self, tag_owner_index};
+    let mut freed = 0;
+    for i in 0..region.geometry().caps.classes {
+        let Some(rec) = region.class(i) else { break };
+        // Relaxed: the daemon is the only writer of these fields.
+        if rec.state.load(Ordering::Relaxed) == sluice_shm_layout::layout::CLASS_FREE {
+            continue;
+        }
+        let (b, l) = (
+            rec.slot_base.load(Ordering::Relaxed),
+            rec.slot_len.load(Ordering::Relaxed),
+        );
+        let Some(words) = region.slots(b, l) else {
+            continue;
+        };
+        for w in words {
+            // Relaxed: a snapshot; the CAS below only frees the exact word seen.
+            let tag = w.load(Ordering::Relaxed);
+            if tag == 0 {
+                continue;
+            }
+            let owner_ok = tag_owner_index(tag)
+                .and_then(|o| region.client(o))
+                .is_some_and(|c| {
+                    let st = ClientState::decode(c.state.load(Ordering::Acquire));
+                    st.state != CLIENT_FREE && u64::from(st.generation & 0xFFFF) == tag >> 48
+                });
+            if !owner_ok && slots::release_one(w, tag) {
+                freed += 1;
+                rec.totals.counts[counters::RECLAIMED].fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+    freed
+}

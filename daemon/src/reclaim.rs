@@ -119,9 +119,24 @@ impl Watcher {
 
     /// Wait up to `timeout_ms` for a watched process to exit, then retire
     /// every one that did.
-    pub fn wait(&mut self, region: &Region, timeout_ms: i32) -> Vec<Retired> {
-        let mut fds: Vec<libc::pollfd> = Vec::with_capacity(self.watched.len());
-        let mut keys = Vec::with_capacity(self.watched.len());
+    pub fn wait(
+        &mut self,
+        region: &Region,
+        timeout_ms: i32,
+        wake: Option<&std::os::unix::net::UnixDatagram>,
+    ) -> Vec<Retired> {
+        let mut fds: Vec<libc::pollfd> = Vec::with_capacity(self.watched.len() + 1);
+        let mut keys = Vec::with_capacity(self.watched.len() + 1);
+        // A newly attached client pokes this socket, so it is watched at
+        // once rather than at the next scan.
+        if let Some(w) = wake {
+            fds.push(libc::pollfd {
+                fd: w.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            });
+            keys.push(u32::MAX);
+        }
         for (&idx, w) in &self.watched {
             fds.push(libc::pollfd {
                 fd: w.pidfd.as_raw_fd(),
@@ -139,6 +154,14 @@ impl Watcher {
         let mut retired = Vec::new();
         for (pfd, idx) in fds.iter().zip(keys) {
             if pfd.revents == 0 {
+                continue;
+            }
+            if idx == u32::MAX {
+                if let Some(w) = wake {
+                    let mut buf = [0u8; 64];
+                    while w.recv(&mut buf).is_ok() {}
+                }
+                retired.extend(self.scan(region));
                 continue;
             }
             let Some(w) = self.watched.remove(&idx) else {
@@ -185,6 +208,8 @@ pub fn retire(region: &Region, idx: u32, word: u64, died: bool) -> Option<Retire
         index: idx,
         generation: st.generation,
     };
+    // A tenant insert it left half done is undone.
+    sluice_shm_layout::tenants::release_inserting(region.tenants(), idx);
     // Tickets first: once none of its tickets can be granted, no slot can
     // take its tag any more, so the slot scan below is final.
     let held_tickets = settle_tickets(region, idx);
@@ -236,7 +261,6 @@ pub const VERIFYING_FOR_NS: u64 = 60_000_000_000;
 /// queue. Returns, per class, the slots its granted tickets held.
 fn settle_tickets(region: &Region, idx: u32) -> HashMap<u32, u64> {
     let me = (idx + 1) & 0xFFFF;
-    let now = monotonic_ns();
     let mut held = HashMap::new();
     for class_idx in 0..region.geometry().caps.classes {
         let Some(class) = region.class(class_idx) else {
@@ -294,9 +318,13 @@ fn settle_tickets(region: &Region, idx: u32) -> HashMap<u32, u64> {
                         .filter(|w| w.load(Ordering::Relaxed) == tag)
                         .count() as u64;
                     *held.entry(class_idx).or_insert(0) += n;
-                    rec.deadline_ns
-                        .store(now.saturating_add(VERIFYING_FOR_NS), Ordering::Relaxed);
-                    let _ = queue::transition(rec, w, w.with(T_VERIFYING, 0));
+                    // Its record (maybe a queue place) is freed; the
+                    // `verifying` ticket is listed from the pool instead.
+                    let cost = rec.cost.load(Ordering::Relaxed);
+                    let pid = rec.pid.load(Ordering::Relaxed);
+                    if queue::transition(rec, w, w.with(T_FREE, 0)).is_ok() {
+                        record_verifying(region, class, idx, pid, cost);
+                    }
                 }
                 T_CANCELLED | T_EXPIRED => {
                     let _ = queue::transition(rec, w, w.with(T_FREE, 0));
@@ -317,7 +345,13 @@ fn record_verifying(region: &Region, class: &ClassRecord, idx: u32, pid: u32, n:
     let Some(tickets) = region.tickets(tbase, tlen) else {
         return;
     };
-    let Some((i, generation)) = queue::claim(tickets, 0, idx) else {
+    // The pool after the four lanes, so these never take a queue place.
+    // Relaxed: the daemon is the only writer of this field.
+    let lane_len = (class.ticket_lane_len.load(Ordering::Relaxed) as usize).min(tickets.len() / 4);
+    let pool = &tickets[4 * lane_len..];
+    let first = 4 * lane_len as u32;
+    let Some((i, generation)) = queue::claim(pool, first, idx) else {
+        tracing::debug!(pid, "no free ticket record to list a verifying permit");
         return;
     };
     let Some(rec) = tickets.get(i as usize) else {

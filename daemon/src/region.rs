@@ -728,6 +728,10 @@ fn write_tiers(region: &Region, config: &Config, tiers: &[String]) {
     let default = tiers.iter().position(|n| *n == t.default_tier).unwrap_or(0) as u32;
     // Relaxed: policy values read by clients per request.
     h.tenant_default_tier.store(default, Ordering::Relaxed);
+    region
+        .tenant_overflow()
+        .tier
+        .store(default, Ordering::Relaxed);
     h.tenant_idle_ns
         .store(t.idle_after.as_nanos() as u64, Ordering::Relaxed);
     let shared = t.on_full == crate::config::OnFull::Shared;

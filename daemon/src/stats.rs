@@ -356,11 +356,15 @@ fn percentiles(rec: &ClassRecord) -> WaitPercentiles {
     let Ok(mut h) = hdrhistogram::Histogram::<u64>::new_with_bounds(1, 1 << 40, 2) else {
         return WaitPercentiles::default();
     };
+    // The region is untrusted: counts are capped so that no sum of them
+    // can overflow inside the histogram.
+    let mut total: u64 = 0;
     for (b, c) in rec.wait_hist.iter().enumerate() {
         // Relaxed: counter snapshots.
-        let n = c.load(Ordering::Relaxed);
-        if n > 0 {
-            let _ = h.record_n(sluice_client::hist_bucket_floor(b).max(1), n);
+        let n = c.load(Ordering::Relaxed).min(1 << 48);
+        if n > 0 && total.checked_add(n).is_some_and(|t| t < 1 << 56) {
+            total += n;
+            let _ = h.record_n(sluice_client::hist_bucket_floor(b).clamp(1, 1 << 40), n);
         }
     }
     if h.is_empty() {

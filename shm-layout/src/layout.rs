@@ -519,7 +519,8 @@ impl Geometry {
             .and_then(|b| off_tiers.checked_add(b))
             .and_then(|e| align_up(e, line))
             .ok_or_else(err)?;
-        let end = mul(caps.tenants, TENANT_SIZE)
+        // One record past the table: the shared overflow bucket.
+        let end = mul(caps.tenants.saturating_add(1), TENANT_SIZE)
             .and_then(|b| off_tenants.checked_add(b))
             .and_then(|e| align_up(e, line))
             .ok_or_else(err)?;
@@ -841,6 +842,15 @@ impl Region {
         }
     }
 
+    /// The shared overflow bucket (`on_full = "shared"`), just past the
+    /// tenant table, so no key can ever land in it.
+    pub fn tenant_overflow(&self) -> &crate::tenants::TenantRecord {
+        let off = self.geo.off_tenants + u64::from(self.geo.caps.tenants) * TENANT_SIZE as u64;
+        // SAFETY: the geometry reserves one record after the table (see
+        // `Geometry::new`), LINE aligned, inside the validated size.
+        unsafe { &*(self.base.as_ptr().add(off as usize) as *const crate::tenants::TenantRecord) }
+    }
+
     /// Dependency record `idx`.
     pub fn dep(&self, idx: u32) -> Option<&DepRecord> {
         if idx >= DEPS {
@@ -1082,7 +1092,7 @@ mod tests {
         assert!(geo.off_tiers >= geo.off_deps + u64::from(DEPS) * DEP_SIZE as u64);
         assert!(geo.off_tenants >= geo.off_tiers + u64::from(TIERS) * TIER_SIZE as u64);
         assert_eq!(geo.off_tenants % line, 0);
-        let end = geo.off_tenants + u64::from(c.tenants) * TENANT_SIZE as u64;
+        let end = geo.off_tenants + (u64::from(c.tenants) + 1) * TENANT_SIZE as u64;
         assert!(geo.size >= end);
         assert!(geo.size < end + PAGE as u64 + line);
     }
@@ -1142,7 +1152,7 @@ mod tests {
             small.off_deps,
             tickets_end.div_ceil(LINE as u64) * LINE as u64
         );
-        let end = small.off_tenants + 8 * TENANT_SIZE as u64;
+        let end = small.off_tenants + 9 * TENANT_SIZE as u64;
         assert_eq!(small.size, end.div_ceil(PAGE as u64) * PAGE as u64);
     }
 
