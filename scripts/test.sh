@@ -13,8 +13,8 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "== cargo test (unit, doc and cross-process tests)"
 cargo test --workspace --locked
 
-echo "== loom models (LOOM_MAX_PREEMPTIONS=${LOOM_MAX_PREEMPTIONS:=3})"
+echo "== loom models (LOOM_MAX_PREEMPTIONS=${LOOM_MAX_PREEMPTIONS:=3}, release with debug assertions)"
 # Own target dir: --cfg loom rebuilds every crate differently.
-RUSTFLAGS="--cfg loom" LOOM_MAX_PREEMPTIONS=$LOOM_MAX_PREEMPTIONS \
+RUSTFLAGS="--cfg loom -C debug-assertions" LOOM_MAX_PREEMPTIONS=$LOOM_MAX_PREEMPTIONS \
   CARGO_TARGET_DIR=target/loom \
   cargo test --locked --release -p sluice-loom-tests --tests

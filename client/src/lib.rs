@@ -436,6 +436,7 @@ impl Client {
                 index: u32::MAX,
                 generation: 0,
                 name: name.to_string(),
+                fast: None,
             });
         };
         let region = a.map.region();
@@ -450,11 +451,26 @@ impl Client {
             // Relaxed: ordered after the Acquire load above.
             let generation = rec.generation.load(Ordering::Relaxed);
             if rec.name_is(name) {
+                // Relaxed: fixed while the generation is (read after the
+                // Acquire load of `state` above).
+                let (sb, sl) = (
+                    rec.slot_base.load(Ordering::Relaxed),
+                    rec.slot_len.load(Ordering::Relaxed),
+                );
+                let fast = region.slots(sb, sl).map(|slots| Fast {
+                    header: region.header(),
+                    rec,
+                    counts: region.counters(a.owner.index, i),
+                    slots,
+                    tag: a.owner.tag(POSITIONAL_SEQ),
+                    epoch_ns: a.epoch_ns,
+                });
                 return Ok(ClassHandle {
                     client: self,
                     index: i,
                     generation,
                     name: name.to_string(),
+                    fast,
                 });
             }
             if let Some(n) = rec.name() {
@@ -499,6 +515,31 @@ pub struct ClassHandle<'c> {
     index: u32,
     generation: u32,
     name: String,
+    /// What the fast path needs, resolved once at lookup (fixed while the
+    /// class generation is unchanged); `None` when fail-open.
+    fast: Option<Fast<'c>>,
+}
+
+/// References into the region for one class, resolved at lookup.
+#[derive(Clone, Copy)]
+struct Fast<'c> {
+    header: &'c sluice_shm_layout::layout::Header,
+    rec: &'c ClassRecord,
+    counts: Option<&'c CounterBlock>,
+    /// The class's slot words (bounds-checked against the table at lookup;
+    /// the range is fixed while the generation is).
+    slots: &'c [AtomicU64],
+    /// This process's positional permit tag.
+    tag: u64,
+    epoch_ns: u64,
+}
+
+impl fmt::Debug for Fast<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Fast")
+            .field("slots", &self.slots.len())
+            .finish()
+    }
 }
 
 impl<'c> ClassHandle<'c> {
@@ -602,6 +643,96 @@ impl<'c> ClassHandle<'c> {
     /// waits, and never overtakes a waiting ticket of its lane or a higher
     /// one.
     pub fn try_acquire(&self, req: &Request<'_>) -> Result<Decision<'_>, AcquireError> {
+        // The fast path: a plain request on a class with no policy, nobody
+        // waiting, daemon not draining. A handful of loads on read-mostly
+        // lines, the slot CAS, the bucket CAS, one counter add.
+        if let Some(f) = &self.fast {
+            if let Some(d) = self.try_fast(f, req) {
+                return d;
+            }
+        }
+        self.try_acquire_general(req)
+    }
+
+    #[inline]
+    fn try_fast<'s>(
+        &'s self,
+        f: &Fast<'s>,
+        req: &Request<'_>,
+    ) -> Option<Result<Decision<'s>, AcquireError>> {
+        let lane = req.lane.index();
+        if req.cost == 0
+            || req.cost > INLINE_SLOTS as u64
+            || req.attempt == 0
+            || req.tenant.is_some()
+            || req.allow_partial
+        {
+            return None;
+        }
+        // Acquire pairs with the daemon's Release store of a new generation
+        // (see `record`); Relaxed loads after it: header flags, class
+        // flags and waiters are hints, each re-checked on the slow path.
+        if f.rec.generation.load(Ordering::Acquire) != self.generation
+            || f.header.flags.load(Ordering::Relaxed) != 0
+            || f.rec.flags.load(Ordering::Relaxed) & policy::POLICY_FLAGS != 0
+            || f.rec.waiters.value.load(Ordering::Relaxed) & queue::bits_at_or_above(lane) != 0
+        {
+            return None;
+        }
+        let params = ClassParams::load(f.rec);
+        let now = if params.rate.is_some() {
+            wait::units_at(clock::monotonic_ns(), f.epoch_ns)
+        } else {
+            0
+        };
+        let slots = if params.max_in_flight > 0 {
+            f.slots
+        } else {
+            &[]
+        };
+        let ask = Ask {
+            cost: req.cost,
+            lane,
+        };
+        Some(Ok(
+            match admit::decide(&params, &f.rec.tat.value, slots, ask, now, f.tag) {
+                Admission::Admitted {
+                    slots: grant,
+                    degraded,
+                } => {
+                    if let Some(c) = f.counts {
+                        counters::bump(&c.counts[counters::ADMITTED], 1);
+                        if degraded {
+                            counters::bump(&c.counts[counters::DEGRADED], 1);
+                        }
+                    }
+                    Decision::Admitted(Permit {
+                        handle: self,
+                        words: slots,
+                        grant,
+                        tag: f.tag,
+                        cost: req.cost,
+                        degraded,
+                        ticket: None,
+                        deps: [0; 4],
+                        released: false,
+                    })
+                }
+                Admission::Refused {
+                    reason,
+                    retry_after_ns,
+                    largest,
+                } => self.refuse(
+                    f.counts,
+                    reason,
+                    retry_after_ns.map(Duration::from_nanos),
+                    largest,
+                ),
+            },
+        ))
+    }
+
+    fn try_acquire_general(&self, req: &Request<'_>) -> Result<Decision<'_>, AcquireError> {
         let ctx = match self.context(req)? {
             Ok(ctx) => ctx,
             Err(decision) => return Ok(decision),
@@ -1030,12 +1161,19 @@ impl<'a> Permit<'a> {
 
     /// A slot came free: if a ticket waits, hand it on. The only system
     /// call a release can make, and only when a waiter is recorded.
+    #[inline]
     fn after_release(&self) {
-        let Some(a) = &self.handle.client.attached else {
-            return;
-        };
-        let Some(rec) = a.map.region().class(self.handle.index) else {
-            return;
+        let rec = match &self.handle.fast {
+            Some(f) => f.rec,
+            None => {
+                let Some(a) = &self.handle.client.attached else {
+                    return;
+                };
+                let Some(rec) = a.map.region().class(self.handle.index) else {
+                    return;
+                };
+                rec
+            }
         };
         // SeqCst: pairs with the enqueuer's SeqCst bit set and publish,
         // ordered after our SeqCst slot release (see queue.rs: no lost

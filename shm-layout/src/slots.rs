@@ -107,6 +107,9 @@ pub fn claim(
     if n == 0 || n > ceiling as u64 {
         return None;
     }
+    if n == 1 {
+        return claim_one(&slots[..ceiling], soft, tag);
+    }
     let mut grant = SlotGrant::default();
     for (pos, word) in slots[..ceiling].iter().enumerate() {
         // Relaxed: only a hint to skip held words; the CAS below decides.
@@ -136,6 +139,27 @@ pub fn claim(
     None
 }
 
+/// `claim` for cost 1, the common case: the first free word.
+#[inline]
+fn claim_one(slots: &[AtomicU64], soft: usize, tag: u64) -> Option<SlotGrant> {
+    for (pos, word) in slots.iter().enumerate() {
+        // Relaxed / Acquire: as in `claim`.
+        if word.load(Ordering::Relaxed) == 0
+            && word
+                .compare_exchange(0, tag, Ordering::Acquire, Ordering::Relaxed)
+                .is_ok()
+        {
+            crate::crash_point!(None);
+            return Some(SlotGrant {
+                count: 1,
+                inline: [pos as u32, 0, 0, 0],
+                degraded: pos >= soft,
+            });
+        }
+    }
+    None
+}
+
 /// Release one slot if it still carries `tag`. Returns whether it did.
 pub fn release_one(word: &AtomicU64, tag: u64) -> bool {
     // SeqCst: Release part pairs with the Acquire CAS in `claim` (our work
@@ -151,6 +175,12 @@ pub fn release_one(word: &AtomicU64, tag: u64) -> bool {
 /// were released. Slots already reclaimed (or released) are skipped, so a
 /// second release is a no-op.
 pub fn release(slots: &[AtomicU64], grant: &SlotGrant, tag: u64) -> u64 {
+    if grant.count == 1 {
+        let freed = slots
+            .get(grant.inline[0] as usize)
+            .is_some_and(|w| release_one(w, tag));
+        return u64::from(freed);
+    }
     let mut freed = 0;
     let known = (grant.count as usize).min(INLINE_SLOTS);
     for &pos in &grant.inline[..known] {
