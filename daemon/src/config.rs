@@ -190,6 +190,9 @@ pub struct DaemonConfig {
     pub control_socket: Option<PathBuf>,
     /// Table sizes of the region, fixed at creation.
     pub capacity: Capacity,
+    /// Serve Prometheus metrics over HTTP here (a loopback address only);
+    /// `None`: no HTTP server.
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 /// `daemon.capacity`: how many of each thing the region has room for.
@@ -372,6 +375,7 @@ struct RawConfig {
 struct RawDaemon {
     drain_timeout: Option<Spanned<String>>,
     control_socket: Option<Spanned<String>>,
+    metrics_listen: Option<Spanned<String>>,
     capacity: Option<RawCapacity>,
 }
 
@@ -545,6 +549,7 @@ impl Default for DaemonConfig {
             drain_timeout: DEFAULT_DRAIN_TIMEOUT,
             control_socket: None,
             capacity: Capacity::default(),
+            metrics_listen: None,
         }
     }
 }
@@ -797,10 +802,34 @@ impl<'a> Checker<'a> {
                 }
             }
         }
+        let metrics_listen = match &raw.metrics_listen {
+            None => None,
+            Some(v) => {
+                let text = v.get_ref();
+                let addr: std::net::SocketAddr = text.parse().map_err(|_| {
+                    self.at(
+                        v.span(),
+                        format!(
+                            "daemon.metrics_listen = {text:?} is not an address:port; write e.g. \"127.0.0.1:9464\""
+                        ),
+                    )
+                })?;
+                if !addr.ip().is_loopback() {
+                    return Err(self.at(
+                        v.span(),
+                        format!(
+                            "daemon.metrics_listen = {text:?} is not a loopback address: metrics are served on 127.0.0.1 or [::1] only; put a proxy in front to expose them"
+                        ),
+                    ));
+                }
+                Some(addr)
+            }
+        };
         Ok(DaemonConfig {
             drain_timeout,
             control_socket,
             capacity,
+            metrics_listen,
         })
     }
 

@@ -127,6 +127,14 @@ pub fn run(mut config: Config, opts: Options) -> Result<(), DaemonError> {
             source,
         })?;
     tracing::info!(socket = %socket.display(), "control socket listening");
+    if let Some(addr) = config.daemon.metrics_listen {
+        match crate::metrics::spawn(addr, std::sync::Arc::clone(&current)) {
+            Ok(()) => tracing::info!(%addr, "serving Prometheus metrics over HTTP"),
+            Err(e) => {
+                tracing::warn!(%addr, error = %e, "cannot serve metrics over HTTP; sluice stats --prometheus still works")
+            }
+        }
+    }
     // Attaching clients send a datagram here so the daemon watches them at
     // once (optional: without it they are found by the next scan).
     let wake_path = sluice_client::map::wake_socket(&region_path);

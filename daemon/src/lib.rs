@@ -6,6 +6,7 @@ pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod maintain;
+pub mod metrics;
 pub mod reclaim;
 pub mod region;
 pub mod stats;
