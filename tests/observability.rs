@@ -34,14 +34,18 @@ fn metrics_are_served_over_http_on_loopback_when_asked() {
     ));
     let out = d.sluice(&["run", "--class", "web", "--", "true"]);
     assert_eq!(code(&out), 0, "{}", stderr(&out));
-    let body = poll(Duration::from_secs(20), "the metrics endpoint to count the run", || {
-        let b = get(port)?;
-        if b.contains("sluice_admitted_total{class=\"web\"} 1") {
-            Ok(b)
-        } else {
-            Err(b)
-        }
-    });
+    let body = poll(
+        Duration::from_secs(20),
+        "the metrics endpoint to count the run",
+        || {
+            let b = get(port)?;
+            if b.contains("sluice_admitted_total{class=\"web\"} 1") {
+                Ok(b)
+            } else {
+                Err(b)
+            }
+        },
+    );
     assert!(body.starts_with("HTTP/1.1 200 OK"), "{body}");
     assert!(body.contains("sluice_daemon_running 1"), "{body}");
     assert!(
@@ -73,14 +77,18 @@ fn prometheus_text_names_every_metric_sluice_and_counts_refusals_by_reason() {
         .sluice_cmd(&["run", "--class", "one", "--", "sleep", "30"])
         .spawn()
         .unwrap();
-    poll(Duration::from_secs(20), "the holder to take the slot", || {
-        let n = num(&d.class_stats("one"), "in_flight");
-        if n == 1 {
-            Ok(())
-        } else {
-            Err(n)
-        }
-    });
+    poll(
+        Duration::from_secs(20),
+        "the holder to take the slot",
+        || {
+            let n = num(&d.class_stats("one"), "in_flight");
+            if n == 1 {
+                Ok(())
+            } else {
+                Err(n)
+            }
+        },
+    );
     let out = d.sluice(&["run", "--class", "one", "--", "true"]);
     assert_eq!(code(&out), 75);
     let out = d.sluice(&["stats", "--prometheus"]);

@@ -842,7 +842,7 @@ impl<'c> ClassHandle<'c> {
         let now = ctx.now_units_at(now_ns);
         match admit::decide(&ctx.params, &ctx.rec.tat.value, ctx.slots, ask, now, tag) {
             Admission::Admitted { slots, degraded } => {
-                policy::after_admit(ctx, req.attempt, &taken, now_ns);
+                policy::after_admit(ctx, req.attempt);
                 if let Some(c) = ctx.counts {
                     counters::bump(&c.counts[counters::ADMITTED], 1);
                     if degraded {

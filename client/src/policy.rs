@@ -42,8 +42,8 @@ pub(crate) struct Taken {
     pub retry: bool,
     /// Half-open probes taken, by dependency index + 1.
     pub probes: [u32; 4],
-    /// The tenant record to charge on admission.
-    pub tenant: Option<usize>,
+    /// The tenant tokens taken, to give back on a later refusal.
+    pub tenant: Option<TenantTaken>,
 }
 
 /// The outcome of the checks.
@@ -231,26 +231,97 @@ pub(crate) fn gates(
         }
     }
 
-    // Tenant quota: check now, take on admission.
-    if let Some((i, rate, quota)) = tenant_rec {
-        if let Some(rec) = tenant_record(region, i) {
-            // Both buckets are checked; the refusal names the later of the
-            // two retry times (the one that binds).
-            let mut wait = None;
+    // Tenant quota: taken now, given back if a later check refuses.
+    if let Some((first, rate, quota)) = tenant_rec {
+        let mut i = first;
+        for _ in 0..4 {
+            let Some(rec) = tenant_record(region, i) else {
+                break;
+            };
+            // SeqCst: the re-check below must see a retire (a concurrent
+            // insert of the same key kept another copy) that happened before
+            // our take; pairs with the SeqCst fence in `tenants::settle`.
+            let before = rec.state.load(Ordering::SeqCst);
+            // First a look at both buckets (no write), so a refusal names the
+            // later of the two retry times: the one that binds.
+            let mut binding = None;
             for (p, word) in [(rate, &rec.tat), (quota, &rec.quota_tat)] {
                 let Some(p) = p else { continue };
-                // Relaxed: a check before the take; the take is a CAS.
+                // Relaxed: a look before the take; the take is a CAS.
                 if let BucketVerdict::Red { retry_after } =
                     p.decide(word.load(Ordering::Relaxed), now_units, taken.cost)
                 {
-                    wait = Some(wait.unwrap_or(0).max(units_to_ns_ceil(retry_after)));
+                    binding = Some(binding.unwrap_or(0).max(units_to_ns_ceil(retry_after)));
                 }
             }
-            if let Some(retry) = wait {
+            if let Some(retry) = binding {
                 give_back(ctx, &taken);
                 return Ok(Gates::Refuse(refusal(Reason::Quota, Some(retry), None)));
             }
-            taken.tenant = Some(i);
+            let mut undo = [None; 2];
+            let mut wait = None;
+            for (k, (p, word)) in [(rate, &rec.tat), (quota, &rec.quota_tat)]
+                .into_iter()
+                .enumerate()
+            {
+                let Some(p) = p else { continue };
+                match p.take_undoable(word, now_units, taken.cost) {
+                    (
+                        BucketVerdict::Green { new_tat } | BucketVerdict::Yellow { new_tat },
+                        prev,
+                    ) => {
+                        undo[k] = Some((new_tat, prev));
+                    }
+                    (BucketVerdict::Red { retry_after }, _) => {
+                        wait = Some(units_to_ns_ceil(retry_after));
+                        break;
+                    }
+                    (BucketVerdict::Never, _) => {
+                        wait = Some(0);
+                        break;
+                    }
+                }
+            }
+            let t = TenantTaken { index: i, undo };
+            if let Some(retry) = wait {
+                untake_tenant(region, &t);
+                give_back(ctx, &taken);
+                let retry = (retry > 0).then_some(retry);
+                return Ok(Gates::Refuse(refusal(Reason::Quota, retry, None)));
+            }
+            if i != OVERFLOW && rec.state.load(Ordering::SeqCst) != before {
+                // Our copy was retired for another (or evicted): charge the
+                // one that stays.
+                untake_tenant(region, &t);
+                let Some(key) = req.tenant else { break };
+                let h = region.header();
+                // Relaxed: written once at creation.
+                let (k0, k1) = (
+                    h.tenant_k0.load(Ordering::Relaxed),
+                    h.tenant_k1.load(Ordering::Relaxed),
+                );
+                let hash = tenants::key_hash(k0, k1, key.as_bytes());
+                let tier = rec.tier.load(Ordering::Relaxed);
+                match tenants::find_or_insert(
+                    region.tenants(),
+                    hash,
+                    key.as_bytes(),
+                    tier,
+                    now_ns,
+                    ctx.attached.owner.index,
+                ) {
+                    Ok(next) => {
+                        i = next;
+                        continue;
+                    }
+                    Err(_) => {
+                        give_back(ctx, &taken);
+                        return Ok(Gates::Refuse(refusal(Reason::Quota, None, None)));
+                    }
+                }
+            }
+            taken.tenant = Some(t);
+            break;
         }
     }
 
@@ -283,8 +354,31 @@ fn largest_now(ctx: &Ctx<'_>, p: &ClassParams, lane: usize, now_units: u64) -> u
     n
 }
 
+/// Tokens taken from a tenant's buckets: per bucket (rate, quota) the
+/// `tat` stored and the one it replaced.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct TenantTaken {
+    index: usize,
+    undo: [Option<(u64, u64)>; 2],
+}
+
+/// Give back a tenant's tokens (only where nobody took since; never mints).
+fn untake_tenant(region: &sluice_shm_layout::layout::Region, t: &TenantTaken) {
+    let Some(rec) = tenant_record(region, t.index) else {
+        return;
+    };
+    for (u, word) in t.undo.iter().zip([&rec.tat, &rec.quota_tat]) {
+        if let Some((taken, prev)) = *u {
+            RateParams::untake(word, taken, prev);
+        }
+    }
+}
+
 /// Give back what the checks took (a later check refused).
 pub(crate) fn give_back(ctx: &Ctx<'_>, taken: &Taken) {
+    if let Some(t) = &taken.tenant {
+        untake_tenant(ctx.attached.map.region(), t);
+    }
     if taken.retry {
         // Relaxed: a config value.
         retry::give_back(
@@ -304,25 +398,8 @@ pub(crate) fn give_back(ctx: &Ctx<'_>, taken: &Taken) {
     }
 }
 
-/// Finish an admission: charge the tenant, refill the retry budget.
-pub(crate) fn after_admit(ctx: &Ctx<'_>, attempt: u32, taken: &Taken, now_ns: u64) {
-    let region = ctx.attached.map.region();
-    if let Some(rec) = taken.tenant.and_then(|i| tenant_record(region, i)) {
-        // Relaxed: written before the record was published LIVE.
-        if let Some(tier) = region.tier(rec.tier.load(Ordering::Relaxed)) {
-            let (rate, quota) = tier_params(tier);
-            let now_units = ctx.now_units_at(now_ns);
-            // Checked before admission; a racing request of the same
-            // tenant may have got there first, and then this take is
-            // refused: the tenant got one request more than its share.
-            // Known shortcoming: concurrent requests of one tenant may overshoot its buckets by one each.
-            for (p, word) in [(rate, &rec.tat), (quota, &rec.quota_tat)] {
-                if let Some(p) = p {
-                    let _ = p.take(word, now_units, taken.cost);
-                }
-            }
-        }
-    }
+/// Finish an admission: a first attempt refills the retry budget.
+pub(crate) fn after_admit(ctx: &Ctx<'_>, attempt: u32) {
     if attempt == 1 {
         // Relaxed: config values.
         let flags = ctx.rec.flags.load(Ordering::Relaxed);
@@ -336,8 +413,8 @@ pub(crate) fn after_admit(ctx: &Ctx<'_>, attempt: u32, taken: &Taken, now_ns: u6
     }
 }
 
-/// True when the class may grant nothing now: paused, or a dependency down
-/// (not half-open: probes are taken by requests, not by dispatch).
+/// True when the class may grant nothing from its queue now: paused, or a
+/// dependency not closed (half-open probes are taken by requests only).
 pub(crate) fn held(ctx: &Ctx<'_>) -> bool {
     // Relaxed: policy bits and breaker modes, read as hints; the waiters
     // look again on their next wake-up.
@@ -354,8 +431,10 @@ pub(crate) fn held(ctx: &Ctx<'_>) -> bool {
             .checked_sub(1)
             .and_then(|i| region.dep(i))
             .is_some_and(|dep| {
+                // Half-open counts as held: probes are taken by fresh
+                // requests (bounded by the breaker), never by dispatch.
                 let w = breaker::BreakerWord::decode(dep.state.load(Ordering::Relaxed));
-                w.mode == breaker::OPEN
+                w.mode != breaker::CLOSED
             })
     })
 }

@@ -238,7 +238,7 @@ impl<'c> ClassHandle<'c> {
                             // Relaxed: published by the transition below.
                             rec.flags.store(flags, Ordering::Relaxed);
                             if queue::transition(rec, claimed, claimed.with(T_GRANTED, 0)).is_ok() {
-                                policy::after_admit(&ctx, req.attempt, &taken, now_ns);
+                                policy::after_admit(&ctx, req.attempt);
                                 return Ok(Enqueued::Done(Outcome::Admitted(
                                     ticket.into_permit(&ctx, degraded, false),
                                 )));
@@ -661,7 +661,7 @@ impl<'a> Ticket<'a> {
                 h.fetch_add(1, Ordering::Relaxed);
             }
         }
-        policy::after_admit(ctx, self.attempt, &self.taken, clock::monotonic_ns());
+        policy::after_admit(ctx, self.attempt);
         let t = Ticket { done: true, ..self };
         Outcome::Admitted(t.into_permit(ctx, degraded, from_queue))
     }

@@ -297,7 +297,7 @@ pub fn class_held(region: &Region, rec: &sluice_shm_layout::layout::ClassRecord)
                 let w = sluice_shm_layout::breaker::BreakerWord::decode(
                     dep.state.load(Ordering::Relaxed),
                 );
-                w.mode == sluice_shm_layout::breaker::OPEN
+                w.mode != sluice_shm_layout::breaker::CLOSED
             })
     })
 }

@@ -115,6 +115,38 @@ impl RateParams {
         self.burst.saturating_add(self.excess)
     }
 
+    /// Like [`RateParams::take`], and also returns the `tat` it replaced,
+    /// so a later refusal can give the tokens back with [`RateParams::untake`].
+    pub fn take_undoable(&self, tat: &AtomicU64, now: u64, n: u64) -> (BucketVerdict, u64) {
+        let backoff = crossbeam_utils::Backoff::new();
+        // SeqCst: the tenant re-check after this take (see the client's
+        // policy) must be ordered after it; AcqRel would do for the bucket.
+        let mut cur = tat.load(Ordering::SeqCst);
+        loop {
+            let verdict = self.decide(cur, now, n);
+            let new_tat = match verdict {
+                BucketVerdict::Green { new_tat } | BucketVerdict::Yellow { new_tat } => new_tat,
+                BucketVerdict::Red { .. } | BucketVerdict::Never => return (verdict, cur),
+            };
+            match tat.compare_exchange_weak(cur, new_tat, Ordering::SeqCst, Ordering::SeqCst) {
+                Ok(_) => return (verdict, cur),
+                Err(actual) => {
+                    cur = actual;
+                    crate::sync::spin_hint(&backoff);
+                }
+            }
+        }
+    }
+
+    /// Give back what [`RateParams::take_undoable`] took (`taken` is the
+    /// `tat` it stored, `prev` the one it replaced), if nobody has taken
+    /// since. Otherwise the tokens stay spent: a give-back never mints.
+    pub fn untake(tat: &AtomicU64, taken: u64, prev: u64) -> bool {
+        // SeqCst: as in `take_undoable`.
+        tat.compare_exchange(taken, prev, Ordering::SeqCst, Ordering::SeqCst)
+            .is_ok()
+    }
+
     /// The pure GCRA decision for a request of cost `n` at time `now`, given
     /// the stored `tat`. Both times are in fixed-point units.
     pub fn decide(&self, tat: u64, now: u64, n: u64) -> BucketVerdict {

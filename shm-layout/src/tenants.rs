@@ -618,6 +618,23 @@ fn settle(ways: &[TenantRecord], base: usize, me: usize, p: &Probe) -> usize {
                 Ordering::Relaxed,
                 Ordering::Relaxed,
             );
+            // What was spent on the retired copy stays spent: the kept copy
+            // takes the later of the two `tat`s of each bucket, so a racer
+            // that charged the copy before it was retired is counted. A
+            // racer that charged it after sees EVICTING on its re-check
+            // (SeqCst, see the client) and tries again on the kept copy.
+            // SeqCst: ordered after the retire above, against the racer's
+            // SeqCst take-then-check.
+            fence(Ordering::SeqCst);
+            for (kept, gone) in [
+                (&ways[lowest].tat, &ways[way].tat),
+                (&ways[lowest].quota_tat, &ways[way].quota_tat),
+            ] {
+                let spent = gone.load(Ordering::SeqCst);
+                let _ = kept.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |t| {
+                    (spent > t).then_some(spent)
+                });
+            }
         }
     }
     base + lowest
