@@ -134,7 +134,11 @@ pub fn table(s: &Snapshot, region: &Path) -> String {
     for c in &s.classes {
         let refused: u64 = c.refused.values().sum();
         rows.push(vec![
-            c.name.clone(),
+            if c.paused {
+                format!("{} (paused)", c.name)
+            } else {
+                c.name.clone()
+            },
             match c.max_in_flight {
                 Some(m) => format!("{}/{}", c.in_flight, m),
                 None => format!("{}", c.in_flight),
@@ -184,6 +188,53 @@ pub fn table(s: &Snapshot, region: &Path) -> String {
         for r in reasons {
             let _ = writeln!(out, "{r}");
         }
+    }
+    let mut waiting = Vec::new();
+    for c in &s.classes {
+        let lanes: Vec<String> = c
+            .queued_by_lane
+            .iter()
+            .filter(|(_, &n)| n > 0)
+            .map(|(l, n)| format!("{l}={n}"))
+            .collect();
+        let w = &c.wait_ms;
+        if lanes.is_empty() && w.count == 0 {
+            continue;
+        }
+        let mut line = format!("  {}:", c.name);
+        if !lanes.is_empty() {
+            let _ = write!(line, " queued {}", lanes.join(" "));
+        }
+        if let (Some(p50), Some(p99)) = (w.p50, w.p99) {
+            let _ = write!(
+                line,
+                " waited p50 {p50:.1}ms p99 {p99:.1}ms (n={})",
+                w.count
+            );
+        }
+        waiting.push(line);
+    }
+    if !waiting.is_empty() {
+        let _ = writeln!(out, "queues:");
+        for w in waiting {
+            let _ = writeln!(out, "{w}");
+        }
+    }
+    if !s.dependencies.is_empty() {
+        let deps: Vec<String> = s
+            .dependencies
+            .iter()
+            .map(|d| {
+                let mut t = format!("{} {}", d.name, d.state);
+                if d.manual {
+                    t.push_str(" (tripped by hand)");
+                } else if let Some(ms) = d.retry_after_ms {
+                    let _ = write!(t, " (probes in {ms}ms)");
+                }
+                t
+            })
+            .collect();
+        let _ = writeln!(out, "dependencies: {}", deps.join(", "));
     }
     out
 }
@@ -257,6 +308,61 @@ pub fn prometheus(s: &Snapshot) -> String {
                 let _ = writeln!(out, "sluice_{name}{{class=\"{}\"}} {v}", label(&c.name));
             }
         }
+    }
+    let _ = writeln!(
+        out,
+        "# HELP sluice_queued_by_lane Tickets waiting now, by lane."
+    );
+    let _ = writeln!(out, "# TYPE sluice_queued_by_lane gauge");
+    for c in &s.classes {
+        for (lane, n) in &c.queued_by_lane {
+            let _ = writeln!(
+                out,
+                "sluice_queued_by_lane{{class=\"{}\",lane=\"{lane}\"}} {n}",
+                label(&c.name)
+            );
+        }
+    }
+    let _ = writeln!(
+        out,
+        "# HELP sluice_wait_seconds Wait before a grant from the queue."
+    );
+    let _ = writeln!(out, "# TYPE sluice_wait_seconds summary");
+    for c in &s.classes {
+        let w = &c.wait_ms;
+        for (q, v) in [("0.5", w.p50), ("0.9", w.p90), ("0.99", w.p99)] {
+            if let Some(ms) = v {
+                let _ = writeln!(
+                    out,
+                    "sluice_wait_seconds{{class=\"{}\",quantile=\"{q}\"}} {}",
+                    label(&c.name),
+                    ms / 1000.0
+                );
+            }
+        }
+        let _ = writeln!(
+            out,
+            "sluice_wait_seconds_count{{class=\"{}\"}} {}",
+            label(&c.name),
+            w.count
+        );
+    }
+    let _ = writeln!(
+        out,
+        "# HELP sluice_dependency_open 1 while a dependency's breaker is open (2: half-open)."
+    );
+    let _ = writeln!(out, "# TYPE sluice_dependency_open gauge");
+    for d in &s.dependencies {
+        let v = match d.state {
+            "open" => 1,
+            "half_open" => 2,
+            _ => 0,
+        };
+        let _ = writeln!(
+            out,
+            "sluice_dependency_open{{dependency=\"{}\"}} {v}",
+            label(&d.name)
+        );
     }
     let _ = writeln!(out, "# HELP sluice_refused_total Refusals by reason.");
     let _ = writeln!(out, "# TYPE sluice_refused_total counter");
