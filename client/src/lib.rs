@@ -197,12 +197,23 @@ impl fmt::Display for Refusal {
     }
 }
 
-/// Format a duration the way the config writes them, to the millisecond
-/// (or microsecond below one).
+/// Format a duration for people, rounded up: `950us`, `0.578s`, `4m05s`,
+/// `8h00m00s`.
 pub fn fmt_duration(d: Duration) -> String {
     let ns = d.as_nanos();
-    if ns >= 1_000_000 {
-        format!("{:.3}s", d.as_secs_f64()).replace(".000s", "s")
+    if ns >= 60_000_000_000 {
+        // Whole seconds, rounded up (a retry-after is never early).
+        let total = ns.div_ceil(1_000_000_000);
+        let (h, m, sec) = (total / 3600, total % 3600 / 60, total % 60);
+        if h > 0 {
+            format!("{h}h{m:02}m{sec:02}s")
+        } else {
+            format!("{m}m{sec:02}s")
+        }
+    } else if ns >= 1_000_000 {
+        // Milliseconds, rounded up.
+        let ms = ns.div_ceil(1_000_000);
+        format!("{}.{:03}s", ms / 1000, ms % 1000).replace(".000s", "s")
     } else if ns >= 1_000 {
         format!("{}us", ns.div_ceil(1_000))
     } else {

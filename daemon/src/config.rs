@@ -606,16 +606,11 @@ impl ClassConfig {
     }
 
     /// Ticket records the class reserves in the region: four lanes, then a
-    /// pool for tickets granted without waiting (one per slot up to 1024;
-    /// 64 for a class without slots).
+    /// pool of 64 for tickets granted without waiting (when it is empty, a
+    /// request is decided without a ticket, or waits in its lane). Fixed, so
+    /// a reload may raise `max_in_flight` without new records.
     pub fn ticket_records(&self) -> u32 {
-        let pool = match self.max_in_flight {
-            Some(m) => (m as u32).min(1024),
-            None => 64,
-        };
-        self.tickets_per_lane()
-            .saturating_mul(4)
-            .saturating_add(pool)
+        self.tickets_per_lane().saturating_mul(4).saturating_add(64)
     }
 
     /// How many slots each lane may hold, in lane order (critical,
@@ -721,7 +716,7 @@ impl<'a> Checker<'a> {
                 return Err(self.at(
                     depth_span,
                     format!(
-                        "classes.{} needs {} ticket records (4 lanes x 2 x queue_depth {}, plus                          one per slot up to 1024, or 64 without slots), bringing all classes to                          {tickets_total}, more than daemon.capacity.tickets = {}; raise                          daemon.capacity.tickets (at most {}) or lower queue_depth",
+                        "classes.{} needs {} ticket records (4 lanes x 2 x queue_depth {}, plus 64), bringing all classes to {tickets_total}, more than daemon.capacity.tickets = {}; raise daemon.capacity.tickets (at most {}) or lower queue_depth",
                         checked.name,
                         checked.ticket_records(),
                         checked.queue_depth,

@@ -222,7 +222,7 @@ pub fn set_paused(region: &Region, name: &str, paused: bool) -> Result<bool, Str
 /// Trip (open by hand, no retry-after) or heal (close) dependency `name`.
 pub fn set_tripped(region: &Region, name: &str, trip: bool) -> Result<(), String> {
     let idx = crate::region::find_dep(region, name).ok_or_else(|| {
-        format!("no dependency {name:?}: see `sluice stats` for the dependencies")
+        format!("no dependency {name:?}: see `sluice stats --json` for the dependencies")
     })?;
     let dep = region.dep(idx).ok_or("dependency index")?;
     if trip {

@@ -440,6 +440,21 @@ pub fn apply_classes(region: &Region, config: &Config, now_ns: u64) -> Result<()
         }
     }
 
+    // Slot words left over once every class of this config has its own.
+    let used: u64 = (0..cap)
+        .filter_map(|i| region.class(i))
+        .filter(|r| !reusable(region, r))
+        .map(|r| u64::from(slot_range(r).1))
+        .sum();
+    let wanted: u64 = plans
+        .iter()
+        .filter(|p| p.2.is_none())
+        .map(|p| p.0.max_in_flight.unwrap_or(0))
+        .sum();
+    let mut spare_slots = u64::from(region.geometry().caps.slots)
+        .saturating_sub(used)
+        .saturating_sub(wanted)
+        .min(u64::from(u32::MAX)) as u32;
     for (class, rate, existing) in plans {
         match existing {
             Some(i) => {
@@ -474,7 +489,19 @@ pub fn apply_classes(region: &Region, config: &Config, now_ns: u64) -> Result<()
                             class.name, caps.tickets
                         ))
                     })?;
-                let base = allocate(region, want, caps.slots, slot_range).ok_or_else(|| {
+                // Reserve up to twice the slots while the table has room to
+                // spare after every class of this config, so a reload can
+                // later raise max_in_flight in place.
+                let extra = want.min(spare_slots);
+                let (base, reserved) = match allocate(region, want + extra, caps.slots, slot_range)
+                {
+                    Some(b) if extra > 0 => {
+                        spare_slots -= extra;
+                        (Some(b), want + extra)
+                    }
+                    _ => (allocate(region, want, caps.slots, slot_range), want),
+                };
+                let base = base.ok_or_else(|| {
                     RegionError::Config(format!(
                         "no room for {want} slots of class {} in the region's slot table ({} words): raise daemon.capacity.slots",
                         class.name,
@@ -487,7 +514,7 @@ pub fn apply_classes(region: &Region, config: &Config, now_ns: u64) -> Result<()
                     .ok_or_else(|| RegionError::Config("no free class record".into()))?;
                 // Relaxed: published by the Release store of `state` below.
                 rec.slot_base.store(base, Ordering::Relaxed);
-                rec.slot_len.store(want, Ordering::Relaxed);
+                rec.slot_len.store(reserved, Ordering::Relaxed);
                 rec.ticket_base.store(ticket_base, Ordering::Relaxed);
                 rec.ticket_len.store(tickets, Ordering::Relaxed);
                 rec.ticket_lane_len

@@ -12,8 +12,15 @@ use sluice_daemon::exit;
 /// returns what dead clients held, and serves the control socket.
 ///
 /// Clients decide admissions on their own from the region; the daemon is
-/// never on that path. With no --config it runs an embedded default with a
-/// few example classes (`default`, `reports`, `imports`, `one`).
+/// never on that path. With no --config it runs an embedded default with
+/// example classes (`default`, `reports`, `imports`, `one`, `reads`, `api`;
+/// `sluice check-config --print-default` prints it).
+///
+/// Signals: SIGHUP reloads the config (a bad file is logged with its line
+/// and column and the old config stays); SIGTERM or SIGINT drains (new work
+/// is refused `shutting_down`, holders may release) and exits once nothing
+/// is held or after daemon.drain_timeout. Runs under systemd as Type=notify
+/// (see packaging/sluiced.service).
 #[derive(Parser, Debug)]
 #[command(name = "sluiced", version)]
 struct Args {

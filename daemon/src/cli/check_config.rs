@@ -31,12 +31,15 @@ pub fn run(args: &CheckArgs) -> i32 {
     match Config::load(path) {
         Ok(c) => {
             let names: Vec<&str> = c.classes.iter().map(|c| c.name.as_str()).collect();
+            let plural = |n: usize, one: &str, many: &str| {
+                format!("{n} {}", if n == 1 { one } else { many })
+            };
             println!(
-                "{}: ok: {} classes ({}), {} dependencies, tenants {}",
+                "{}: ok: {} ({}), {}, tenants {}",
                 path.display(),
-                c.classes.len(),
+                plural(c.classes.len(), "class", "classes"),
                 names.join(", "),
-                c.dependencies.len(),
+                plural(c.dependencies.len(), "dependency", "dependencies"),
                 if c.tenants.is_some() { "on" } else { "off" }
             );
             exit::OK

@@ -20,9 +20,11 @@ use crate::exit;
 /// where one exists, the time to come back.
 ///
 /// Exit codes: 0 ok; 64 usage error (bad flag, unknown class, cost 0); 69
-/// region missing or unusable; 75 the work was not run (refused: reason and
-/// retry-after on stderr); 78 bad config. `sluice run` otherwise exits with
-/// its command's status (128 + signal when the command was killed).
+/// region missing or unusable; 75 the work was not run (refused, expired or
+/// cancelled while queued: reason and retry-after on stderr); 78 bad config.
+/// `sluice run` otherwise exits with its command's status (128 + signal when
+/// the command was killed; 127 when it does not exist, 126 when it cannot be
+/// executed).
 #[derive(Parser, Debug)]
 #[command(name = "sluice", version, propagate_version = true)]
 pub struct Cli {

@@ -12,7 +12,9 @@ use std::process::Command;
 use std::sync::atomic::{AtomicI32, Ordering as StdOrdering};
 
 use clap::Args;
-use sluice_client::{fmt_duration, Client, Enqueued, Lane, Outcome, Request, TicketState};
+use sluice_client::{
+    fmt_duration, Client, Enqueued, Lane, Outcome, Request, TicketState, WorkOutcome,
+};
 
 use crate::cli::fail;
 use crate::exit;
@@ -139,7 +141,7 @@ pub fn run(region: &Path, args: RunArgs) -> i32 {
             if let Some(d) = no.retry_after {
                 msg.push_str(&format!(
                     " (SLUICE_RETRY_AFTER_MS={})",
-                    d.as_millis().max(1)
+                    d.as_nanos().div_ceil(1_000_000).max(1)
                 ));
             }
             return fail(exit::TEMPFAIL, msg);
@@ -243,9 +245,16 @@ pub fn run(region: &Path, args: RunArgs) -> i32 {
             return fail(code, format!("cannot run {}: {e}", prog.to_string_lossy()));
         }
     };
-    let status = wait_child(&mut child, &permit);
+    let (status, told) = wait_child(&mut child, &permit);
     CHILD.store(0, StdOrdering::SeqCst);
-    drop(permit);
+    // Report how it went, so the class's dependency breakers hear it: exit
+    // 0 completed; stopped after a cancel request cancelled; else failed.
+    let outcome = match &status {
+        _ if told => WorkOutcome::Cancelled,
+        Ok(s) if s.success() => WorkOutcome::Completed,
+        _ => WorkOutcome::Failed,
+    };
+    permit.release_with(outcome);
     match status {
         Ok(s) => match (s.code(), s.signal()) {
             (Some(code), _) => code,
@@ -266,12 +275,14 @@ pub fn retry_text(d: std::time::Duration) -> String {
 fn wait_child(
     child: &mut std::process::Child,
     permit: &sluice_client::Permit<'_>,
-) -> std::io::Result<std::process::ExitStatus> {
+) -> (std::io::Result<std::process::ExitStatus>, bool) {
     let mut told = false;
     let mut nap = 1u64;
     loop {
-        if let Some(status) = child.try_wait()? {
-            return Ok(status);
+        match child.try_wait() {
+            Ok(Some(status)) => return (Ok(status), told),
+            Ok(None) => {}
+            Err(e) => return (Err(e), told),
         }
         if !told && permit.cancel_requested() {
             told = true;
