@@ -13,9 +13,9 @@ use sluice_shm_layout::admit::{self, Admission, Ask};
 use sluice_shm_layout::bucket::{ns_to_units, units_to_ns_ceil};
 use sluice_shm_layout::counters::{self, Reason};
 use sluice_shm_layout::queue::{
-    self, ticket_id, Dispatch, EtaInput, TicketRecord, TicketWord, FLAG_CANCEL_REQUESTED,
-    FLAG_DEGRADED, FLAG_IMMEDIATE, FLAG_TOO_LARGE, TICKET_TAG_BIT, T_CANCELLED, T_CLAIMED,
-    T_EXPIRED, T_FREE, T_GRANTED, T_GRANTING, T_QUEUED,
+    self, ticket_id, Dispatch, EtaInput, TicketRecord, TicketWord, FLAG_BLOCKED_QUOTA,
+    FLAG_CANCEL_REQUESTED, FLAG_DEGRADED, FLAG_IMMEDIATE, FLAG_TOO_LARGE, TICKET_TAG_BIT,
+    T_CANCELLED, T_CLAIMED, T_EXPIRED, T_FREE, T_GRANTED, T_GRANTING, T_QUEUED,
 };
 use sluice_shm_layout::sync::{futex_wait, Ordering};
 
@@ -122,6 +122,19 @@ pub struct Ticket<'a> {
     /// given back on cancel or expiry).
     taken: policy::Taken,
     attempt: u32,
+    /// Set while the ticket is `blocked_by_quota`: its tenant's quota has
+    /// no room yet; it joins the line once it has.
+    blocked: Option<Blocked>,
+}
+
+/// A ticket waiting for its tenant's quota before it joins the line.
+#[derive(Debug)]
+struct Blocked {
+    /// When the quota should have room (CLOCK_MONOTONIC ns).
+    until_ns: u64,
+    /// The tenant key (owned: the request's borrow ends with `enqueue`).
+    tenant: String,
+    lane: crate::Lane,
 }
 
 impl fmt::Debug for Ticket<'_> {
@@ -177,12 +190,21 @@ impl<'c> ClassHandle<'c> {
             match policy::gates(&ctx, req, flags, now_ns, wait_ns > 0)? {
                 policy::Gates::Go(t) => taken = t,
                 policy::Gates::Refuse(r) => {
+                    let room_in_time = r.retry_after.is_some_and(|d| {
+                        now_ns.saturating_add(u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+                            <= deadline_ns
+                    });
+                    if r.reason == Reason::Quota && wait_ns > 0 && room_in_time {
+                        if let Some(t) = self.blocked_ticket(&ctx, req, now_ns, deadline_ns, r) {
+                            return Ok(t);
+                        }
+                    }
                     return Ok(done_refused(self.refuse(
                         ctx.counts,
                         r.reason,
                         r.retry_after,
                         r.largest_cost,
-                    )))
+                    )));
                 }
                 policy::Gates::Hold(t) => {
                     taken = t;
@@ -397,8 +419,47 @@ impl<'c> ClassHandle<'c> {
             done: false,
             taken: policy::Taken::default(),
             attempt: 1,
+            blocked: None,
         };
         (rec, ticket, claimed, tag)
+    }
+
+    /// A ticket in its lane's queue that waits for its tenant's quota
+    /// (`blocked_by_quota`) before it joins the line. `None` when the queue
+    /// has no room (the caller then refuses `quota` as it would have).
+    fn blocked_ticket<'s>(
+        &'s self,
+        ctx: &Ctx<'s>,
+        req: &Request<'_>,
+        now_ns: u64,
+        deadline_ns: u64,
+        refusal: Refusal,
+    ) -> Option<Enqueued<'s>> {
+        let lane = req.lane.index();
+        let per_lane = ctx.lane_len;
+        let range = lane * per_lane..(lane + 1) * per_lane;
+        let me = ctx.attached.owner.index;
+        let (index, generation) =
+            queue::claim(&ctx.tickets[range.clone()], range.start as u32, me)?;
+        let (rec, ticket, claimed, _) =
+            self.fill(ctx, index, generation, req, req.cost, now_ns, deadline_ns);
+        // Relaxed: published by the SeqCst transition to QUEUED below; the
+        // flag keeps dispatch from granting it (see `queue::best`).
+        rec.flags.store(FLAG_BLOCKED_QUOTA, Ordering::Relaxed);
+        // Relaxed: only uniqueness and order of the numbers matter.
+        let seq = ctx.rec.enqueue_seq.value.fetch_add(1, Ordering::Relaxed);
+        rec.seq.store(seq, Ordering::Relaxed);
+        if queue::transition(rec, claimed, claimed.with(T_QUEUED, 0)).is_err() {
+            return None;
+        }
+        let wait = refusal.retry_after.unwrap_or_default();
+        let mut ticket = ticket.with_policy(policy::Taken::default(), req.attempt);
+        ticket.blocked = Some(Blocked {
+            until_ns: now_ns.saturating_add(u64::try_from(wait.as_nanos()).unwrap_or(u64::MAX)),
+            tenant: req.tenant.unwrap_or_default().to_string(),
+            lane: req.lane,
+        });
+        Some(Enqueued::Queued(ticket))
     }
 
     /// Run a dispatch for this class (grant queued tickets while capacity
@@ -572,6 +633,22 @@ impl<'a> Ticket<'a> {
                 }
             }
             let now_ns = clock::monotonic_ns();
+            if w.state == T_QUEUED && now_ns < self.deadline_ns {
+                if let Some(b) = &self.blocked {
+                    if now_ns < b.until_ns {
+                        // Not yet: sleep until the quota has room (a cancel
+                        // wakes us through the futex word).
+                        rec.wake.swap(0, Ordering::AcqRel);
+                        let sleep = b.until_ns.min(self.deadline_ns) - now_ns;
+                        futex_wait(&rec.wake, 0, sleep.clamp(1, SAFETY_WAKE_NS));
+                        continue;
+                    }
+                    match self.unblock(&ctx, rec, now_ns) {
+                        Ok(()) => continue,
+                        Err(outcome) => return outcome,
+                    }
+                }
+            }
             if now_ns >= self.deadline_ns && w.state == T_QUEUED {
                 let eta = match self.state() {
                     TicketState::Queued { eta, .. } => eta,
@@ -662,8 +739,7 @@ impl<'a> Ticket<'a> {
             }
         }
         policy::after_admit(ctx, self.attempt);
-        let t = Ticket { done: true, ..self };
-        Outcome::Admitted(t.into_permit(ctx, degraded, from_queue))
+        Outcome::Admitted(self.into_permit(ctx, degraded, from_queue))
     }
 
     fn into_permit(mut self, ctx: &Ctx<'a>, degraded: bool, from_queue: bool) -> Permit<'a> {
@@ -691,6 +767,77 @@ impl<'a> Ticket<'a> {
         )
     }
 
+    /// The blocked ticket's quota should have room: take it and join the
+    /// line, or wait again, or end with the refusal a re-check gives.
+    fn unblock(
+        &mut self,
+        ctx: &Ctx<'a>,
+        rec: &TicketRecord,
+        now_ns: u64,
+    ) -> Result<(), Outcome<'a>> {
+        let Some(b) = self.blocked.take() else {
+            return Ok(());
+        };
+        // Relaxed: our own record.
+        let cost = rec.cost.load(Ordering::Relaxed);
+        let req = Request {
+            cost,
+            lane: b.lane,
+            attempt: self.attempt,
+            tenant: Some(&b.tenant),
+            allow_partial: false,
+        };
+        // Relaxed: class policy bits, as in `try_acquire`.
+        let flags = ctx.rec.flags.load(Ordering::Relaxed);
+        match policy::gates(ctx, &req, flags, now_ns, true) {
+            Ok(policy::Gates::Go(t) | policy::Gates::Hold(t)) => {
+                self.taken = t;
+                // Relaxed: a hint for dispatch, ordered before the SeqCst
+                // bit set below that makes dispatchers look.
+                rec.flags.fetch_and(!FLAG_BLOCKED_QUOTA, Ordering::Relaxed);
+                let bit = 1u64 << b.lane.index();
+                // SeqCst: see the enqueue path (no lost wake-up).
+                ctx.rec.waiters.value.fetch_or(bit, Ordering::SeqCst);
+                self.handle.help(ctx, now_ns);
+                Ok(())
+            }
+            Ok(policy::Gates::Refuse(r))
+                if r.reason == Reason::Quota && r.retry_after.is_some() =>
+            {
+                let wait = r.retry_after.unwrap_or_default();
+                self.blocked = Some(Blocked {
+                    until_ns: now_ns
+                        .saturating_add(u64::try_from(wait.as_nanos()).unwrap_or(u64::MAX)),
+                    ..b
+                });
+                Ok(())
+            }
+            Ok(policy::Gates::Refuse(r)) => Err(self.end_refused(ctx, rec, r)),
+            Err(_) => Err(self.end_refused(
+                ctx,
+                rec,
+                Refusal {
+                    reason: Reason::Quota,
+                    retry_after: None,
+                    largest_cost: None,
+                },
+            )),
+        }
+    }
+
+    /// End a ticket of ours that is still queued with a refusal.
+    fn end_refused(&mut self, ctx: &Ctx<'a>, rec: &TicketRecord, r: Refusal) -> Outcome<'a> {
+        // Acquire pairs with the SeqCst transitions of the ticket.
+        let w = TicketWord::decode(rec.state.load(Ordering::Acquire));
+        if w.generation == self.generation && w.state == T_QUEUED {
+            let _ = queue::transition(rec, w, w.with(T_FREE, 0));
+        }
+        self.done = true;
+        self.handle
+            .refuse(ctx.counts, r.reason, r.retry_after, r.largest_cost)
+            .into()
+    }
+
     fn expiry(&self, at_once: bool, eta: Option<Duration>) -> Expiry {
         Expiry {
             ticket: self.id(),
@@ -708,8 +855,15 @@ impl Drop for Ticket<'_> {
         }
         // Dropped while waiting: cancel, or release a grant that won.
         let t = Ticket {
+            handle: self.handle,
+            index: self.index,
+            generation: self.generation,
+            deadline_ns: self.deadline_ns,
+            enqueued_ns: self.enqueued_ns,
             done: false,
-            ..*self
+            taken: self.taken,
+            attempt: self.attempt,
+            blocked: self.blocked.take(),
         };
         self.done = true;
         drop(t.cancel());

@@ -418,7 +418,10 @@ pub fn tickets(map: &RegionMap) -> Vec<TicketInfo> {
                 continue;
             }
             let mut state = state_name(w.state);
-            if state == "queued" && held {
+            if state == "queued" && t.flags.load(Ordering::Relaxed) & queue::FLAG_BLOCKED_QUOTA != 0
+            {
+                state = "blocked_by_quota";
+            } else if state == "queued" && held {
                 state = if paused {
                     "paused_by_owner"
                 } else {

@@ -96,6 +96,10 @@ pub const FLAG_DEGRADED: u32 = 2;
 pub const FLAG_WAITING_TOKENS: u32 = 4;
 /// `flags` bit: granted without waiting (the queue was empty).
 pub const FLAG_IMMEDIATE: u32 = 8;
+/// `flags` bit (with `QUEUED`): the ticket waits for its tenant's quota
+/// before it joins the line (`blocked_by_quota`); dispatch passes it by.
+pub const FLAG_BLOCKED_QUOTA: u32 = 32;
+
 /// `flags` bit (with `EXPIRED`): ended because its cost can no longer fit
 /// (a reload lowered the limits); the owner reports `smaller_scope`.
 pub const FLAG_TOO_LARGE: u32 = 16;
@@ -295,6 +299,11 @@ pub fn best(records: &[TicketRecord], now_ns: u64, age_after_ns: u64) -> Best {
             continue;
         }
         if st != T_QUEUED {
+            continue;
+        }
+        // Relaxed: a hint; the owner clears it before it sets its waiters
+        // bit (SeqCst), after which dispatchers look again.
+        if rec.flags.load(Ordering::Relaxed) & FLAG_BLOCKED_QUOTA != 0 {
             continue;
         }
         // Relaxed: ordered after the Acquire load above; fixed while queued.
