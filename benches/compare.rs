@@ -64,6 +64,8 @@ const CPU_ENV: &str = "SLUICE_BENCH_CPU";
 const FD_ENV: &str = "SLUICE_BENCH_FD";
 /// The shm file whose first word tells the handoff partner to stop.
 const STOP_ENV: &str = "SLUICE_BENCH_STOP";
+/// The class a `sluice_class` worker uses.
+const CLASS_ENV: &str = "SLUICE_BENCH_CLASS";
 
 /// The region of the `sluice_handoff` row: one class of one slot, and
 /// small queues (a dispatch scans every ticket record of the class).
@@ -250,20 +252,36 @@ impl Plan {
 
     /// Measure `role` in two worker processes at once, on `path`.
     fn two_procs(&self, name: &'static str, role: &str, path: &Path) -> Row {
+        self.n_procs(name, role, path, 2, |_, _| {})
+    }
+
+    /// Measure `role` in `n` worker processes at once, on `path`. Worker
+    /// `i` is pinned to CPU `i mod cpus`; `setup(i, cmd)` may add to its
+    /// environment (which class it uses, for instance).
+    fn n_procs(
+        &self,
+        name: &'static str,
+        role: &str,
+        path: &Path,
+        n: u32,
+        setup: impl Fn(u32, &mut Command),
+    ) -> Row {
         let start = monotonic_ns() + (WORKER_LEAD + self.warm).as_nanos() as u64;
         let end = start + self.measure.as_nanos() as u64;
         let mut children = Vec::new();
-        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-        for i in 0..2 {
-            let child = self_command(role)
-                .env(CPU_ENV, (i % cpus).to_string())
+        let cpus = std::thread::available_parallelism().map_or(1, |c| c.get());
+        for i in 0..n {
+            let mut cmd = self_command(role);
+            cmd.env(CPU_ENV, (i as usize % cpus).to_string())
                 .env(PATH_ENV, path)
                 .env(START_ENV, start.to_string())
                 .env(END_ENV, end.to_string())
-                .stdout(Stdio::piped())
-                .spawn()
-                .expect("the bench can re-execute itself as a worker");
-            children.push(child);
+                .stdout(Stdio::piped());
+            setup(i, &mut cmd);
+            children.push(
+                cmd.spawn()
+                    .expect("the bench can re-execute itself as a worker"),
+            );
         }
         let mut parts = Vec::new();
         let mut failed = None;
@@ -274,8 +292,8 @@ impl Plan {
             }
         }
         match failed {
-            Some(e) => Row::missing(name, 2, &format!("worker failed: {e}")),
-            None => Row::from_measured(name, 2, parts, 1.0),
+            Some(e) => Row::missing(name, n, &format!("worker failed: {e}")),
+            None => Row::from_measured(name, n, parts, 1.0),
         }
     }
 }
@@ -534,6 +552,10 @@ fn worker(role: &str) {
         }
         "sluice_slots" => with_sluice(&path, "slots", |op| measure(op, start, end)),
         "sluice_both" => with_sluice(&path, "both", |op| measure(op, start, end)),
+        "sluice_class" => {
+            let class = std::env::var(CLASS_ENV).expect("a sluice_class worker is given a class");
+            with_sluice(&path, &class, |op| measure(op, start, end))
+        }
         "posix_sem" => {
             let shm = ShmFile::open(&path);
             measure(&mut op_posix_sem(shm.ptr().cast()), start, end)
@@ -1096,8 +1118,181 @@ fn rows_breakdown(plan: &Plan, rows: &mut Vec<Row>) {
 }
 
 // ---------------------------------------------------------------------------
+// How cost grows: classes configured and processes running
+// ---------------------------------------------------------------------------
+
+/// The `scale_classes_*` rows: (classes configured, row of the `slots`-like
+/// class, row of the `both`-like class). 4,096 is `limits::MAX_CLASSES`.
+const SCALE_CLASSES: [(u32, &str, &str); 4] = [
+    (1, "scale_classes_1", "scale_both_classes_1"),
+    (16, "scale_classes_16", "scale_both_classes_16"),
+    (256, "scale_classes_256", "scale_both_classes_256"),
+    (4_096, "scale_classes_4096", "scale_both_classes_4096"),
+];
+
+/// Process counts of the `scale_procs_slots` rows.
+const SCALE_PROCS: [u32; 3] = [1, 2, 4];
+
+/// Client records of a scaling region: the parent, four workers, spare.
+const SCALE_CLIENTS: u32 = 8;
+
+/// Ticket records one class with `queue_depth = 1` reserves: 4 lanes x 2 x
+/// 1, plus the pool of 64 (see the daemon's `ticket_records`).
+const SCALE_TICKETS_PER_CLASS: u32 = 4 * 2 + 64;
+
+/// The limits of the measured class of a scaling region, as the bench
+/// classes `slots` and `both` have them.
+const SCALE_SLOTS_LIMITS: &str = "max_in_flight = 64\n";
+const SCALE_BOTH_LIMITS: &str = "rate = 1e9\nburst = 1000000000\nmax_in_flight = 64\n";
+
+/// A config of `classes` classes named `c0`, `c1`, ...; the last one gets
+/// `measured` (the limits of a bench class), every other the smallest a
+/// class can reserve (`max_in_flight = 1`: one slot word). All have
+/// `queue_depth = 1`, and the capacities are exactly what the classes need,
+/// so the 4,096-class region stays a few tens of MB.
+fn scale_config(classes: u32, measured: &str) -> String {
+    let mut text = String::with_capacity(64 * classes as usize + 256);
+    let _ = writeln!(
+        text,
+        "[daemon]\ncapacity = {{ classes = {classes}, clients = {SCALE_CLIENTS}, \
+         tickets = {}, slots = {} }}\n\n[region]\nmode = \"0600\"\n",
+        classes * SCALE_TICKETS_PER_CLASS,
+        64 + (classes - 1),
+    );
+    for i in 0..classes {
+        let limits = if i + 1 == classes {
+            measured
+        } else {
+            "max_in_flight = 1\n"
+        };
+        let _ = writeln!(text, "[classes.c{i}]\n{limits}queue_depth = 1\n");
+    }
+    text
+}
+
+/// A region laid out from `config_text` by the daemon's own code in a
+/// private temp dir under /dev/shm, as `common::bench_region` does. The
+/// directory goes when the returned guard drops (after the region).
+fn scale_region(config_text: &str, tag: &str) -> (sluice_daemon::region::OwnedRegion, PathBuf, tempfile::TempDir) {
+    let dir = tempfile::Builder::new()
+        .prefix("sluice-bench-scale-")
+        .tempdir_in(common::shm_dir())
+        .unwrap();
+    let path = dir.path().join("region");
+    let config = sluice_daemon::config::Config::parse(config_text, tag)
+        .unwrap_or_else(|e| panic!("the {tag} scaling config is valid: {e}"));
+    let owned = sluice_daemon::region::open_region(&path, &config, monotonic_ns())
+        .expect("a fresh region in a private temp dir");
+    (owned, path, dir)
+}
+
+/// `scale_classes_N` / `scale_both_classes_N`: the `sluice_slots` /
+/// `sluice_both` operation on the last class of a region with N classes
+/// configured (the others idle), one process. Flat across N is the goal:
+/// the fast path touches the one class record, its slot words and the
+/// client's counter block for that class, wherever they sit.
+///
+/// `scale_procs_slots`: the `sluice_slots` operation in 1, 2 and 4 worker
+/// processes at once, each on a class of its own (`p0`..`p3`, 64 slots
+/// each) of one region; workers are pinned round-robin to the CPUs. Flat
+/// median and ops/s growing with min(procs, CPUs) is the goal.
+fn rows_scale(plan: &Plan, rows: &mut Vec<Row>) {
+    for (classes, slots_row, both_row) in SCALE_CLASSES {
+        for (row, limits) in [(slots_row, SCALE_SLOTS_LIMITS), (both_row, SCALE_BOTH_LIMITS)] {
+            let (owned, path, dir) = scale_region(&scale_config(classes, limits), row);
+            let bytes = std::fs::metadata(&path).map_or(0, |m| m.len());
+            let last = format!("c{}", classes - 1);
+            let mut r = with_sluice(&path, &last, |op| plan.local(row, op));
+            r.note = Some(format!(
+                "{classes} classes, region {:.1} MB",
+                bytes as f64 / 1e6
+            ));
+            rows.push(r);
+            drop(owned);
+            drop(dir);
+        }
+    }
+
+    let mut text = format!(
+        "[daemon]\ncapacity = {{ classes = 4, clients = {SCALE_CLIENTS}, tickets = {}, \
+         slots = 256 }}\n\n[region]\nmode = \"0600\"\n",
+        4 * SCALE_TICKETS_PER_CLASS
+    );
+    for i in 0..4 {
+        let _ = writeln!(text, "[classes.p{i}]\n{SCALE_SLOTS_LIMITS}queue_depth = 1\n");
+    }
+    let (owned, path, dir) = scale_region(&text, "scale_procs");
+    for n in SCALE_PROCS {
+        let mut r = plan.n_procs("scale_procs_slots", "sluice_class", &path, n, |i, cmd| {
+            cmd.env(CLASS_ENV, format!("p{i}"));
+        });
+        if r.note.is_none() {
+            r.note = Some("one class per process".to_string());
+        }
+        rows.push(r);
+    }
+    drop(owned);
+    drop(dir);
+}
+
+/// How the scaling rows compare with their smallest case.
+fn print_scaling(rows: &[Row]) {
+    println!();
+    println!("how cost grows (median vs the 1-class region; ops/s vs 1 process):");
+    for (prefix, label) in [
+        ("scale_classes_", "sluice_slots"),
+        ("scale_both_classes_", "sluice_both"),
+    ] {
+        let base = rows
+            .iter()
+            .find(|r| r.name == format!("{prefix}1"))
+            .and_then(|r| r.median_ns);
+        let mut line = format!("  {label:<14} classes");
+        for (classes, _, _) in SCALE_CLASSES {
+            let m = rows
+                .iter()
+                .find(|r| r.name == format!("{prefix}{classes}"))
+                .and_then(|r| r.median_ns);
+            let ratio = match (m, base) {
+                (Some(m), Some(b)) if b > 0.0 => format!("{:.2}", m / b),
+                _ => "-".to_string(),
+            };
+            let _ = write!(line, "  {classes}: {ratio}");
+        }
+        println!("{line}");
+    }
+    let base = find(rows, "scale_procs_slots", 1).and_then(|r| r.ops_per_sec);
+    let mut line = "  sluice_slots   procs  ".to_string();
+    for n in SCALE_PROCS {
+        let r = find(rows, "scale_procs_slots", n);
+        let ratio = match (r.and_then(|r| r.ops_per_sec), base) {
+            (Some(o), Some(b)) if b > 0.0 => format!("{:.2}", o / b),
+            _ => "-".to_string(),
+        };
+        let _ = write!(
+            line,
+            "  {n}: ops/s x{ratio} (median {})",
+            fmt_opt(r.and_then(|r| r.median_ns), 1)
+        );
+    }
+    println!("{line}");
+}
+
+// ---------------------------------------------------------------------------
 // Report
 // ---------------------------------------------------------------------------
+
+/// Which table a row is printed in: 0 the comparison, 1 the scaling rows,
+/// 2 the breakdown.
+fn section(name: &str) -> u8 {
+    if name.starts_with("part_") {
+        2
+    } else if name.starts_with("scale_") {
+        1
+    } else {
+        0
+    }
+}
 
 fn find<'r>(rows: &'r [Row], name: &str, procs: u32) -> Option<&'r Row> {
     rows.iter().find(|r| r.name == name && r.procs == procs)
@@ -1357,18 +1552,31 @@ fn main() {
     row_unix_rpc(&plan, &mut rows);
     row_handoff(&plan, &mut rows);
     row_futex(&plan, &mut rows);
+    rows_scale(&plan, &mut rows);
     rows_breakdown(&plan, &mut rows);
 
-    // Table order: procs = 1 rows first, then procs = 2, stable otherwise.
-    rows.sort_by_key(|r| (r.name.starts_with("part_"), r.procs));
+    // Table order: the comparison (procs = 1 rows first, then procs = 2),
+    // then the scaling rows, then the breakdown; stable otherwise.
+    rows.sort_by_key(|r| {
+        let s = section(r.name);
+        (s, if s == 0 { r.procs } else { 0 })
+    });
+    let scale = rows
+        .iter()
+        .position(|r| section(r.name) >= 1)
+        .unwrap_or(rows.len());
     let parts = rows
         .iter()
-        .position(|r| r.name.starts_with("part_"))
+        .position(|r| section(r.name) == 2)
         .unwrap_or(rows.len());
-    print_table(&rows[..parts], &rows);
+    print_table(&rows[..scale], &rows);
+    println!();
+    println!("how cost grows: classes configured, processes on classes of their own");
+    print_table(&rows[scale..parts], &rows);
     println!();
     println!("breakdown: pieces of the sluice fast path, procs = 1");
     print_table(&rows[parts..], &rows);
+    print_scaling(&rows);
     let ts = targets(&rows);
     print_targets(&ts);
     let info = RunInfo {

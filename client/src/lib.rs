@@ -705,42 +705,58 @@ impl<'c> ClassHandle<'c> {
             cost: req.cost,
             lane,
         };
+        let adm = admit::decide(&params, &f.rec.tat.value, slots, ask, now, f.tag);
         Some(Ok(
-            match admit::decide(&params, &f.rec.tat.value, slots, ask, now, f.tag) {
-                Admission::Admitted {
-                    slots: grant,
-                    degraded,
-                } => {
-                    if let Some(c) = f.counts {
-                        counters::bump(&c.counts[counters::ADMITTED], 1);
-                        if degraded {
-                            counters::bump(&c.counts[counters::DEGRADED], 1);
-                        }
-                    }
-                    Decision::Admitted(Permit {
-                        handle: self,
-                        words: slots,
-                        grant,
-                        tag: f.tag,
-                        cost: req.cost,
-                        degraded,
-                        ticket: None,
-                        deps: [0; 4],
-                        released: false,
-                    })
-                }
-                Admission::Refused {
-                    reason,
-                    retry_after_ns,
-                    largest,
-                } => self.refuse(
-                    f.counts,
-                    reason,
-                    retry_after_ns.map(Duration::from_nanos),
-                    largest,
-                ),
-            },
+            self.conclude(adm, f.counts, slots, f.tag, req.cost, [0; 4])
         ))
+    }
+
+    /// Turn an admission into the caller's decision: count it, and wrap a
+    /// grant in a permit.
+    #[inline]
+    fn conclude<'s>(
+        &'s self,
+        adm: Admission,
+        counts: Option<&CounterBlock>,
+        words: &'s [AtomicU64],
+        tag: u64,
+        cost: u64,
+        deps: [u32; 4],
+    ) -> Decision<'s> {
+        match adm {
+            Admission::Admitted {
+                slots: grant,
+                degraded,
+            } => {
+                if let Some(c) = counts {
+                    counters::bump(&c.counts[counters::ADMITTED], 1);
+                    if degraded {
+                        counters::bump(&c.counts[counters::DEGRADED], 1);
+                    }
+                }
+                Decision::Admitted(Permit {
+                    handle: self,
+                    words,
+                    grant,
+                    tag,
+                    cost,
+                    degraded,
+                    ticket: None,
+                    deps,
+                    released: false,
+                })
+            }
+            Admission::Refused {
+                reason,
+                retry_after_ns,
+                largest,
+            } => self.refuse(
+                counts,
+                reason,
+                retry_after_ns.map(Duration::from_nanos),
+                largest,
+            ),
+        }
     }
 
     fn try_acquire_general(&self, req: &Request<'_>) -> Result<Decision<'_>, AcquireError> {
@@ -777,37 +793,8 @@ impl<'c> ClassHandle<'c> {
             cost: req.cost,
             lane,
         };
-        match admit::decide(&ctx.params, &ctx.rec.tat.value, ctx.slots, ask, now, tag) {
-            Admission::Admitted { slots, degraded } => {
-                if let Some(c) = ctx.counts {
-                    counters::bump(&c.counts[counters::ADMITTED], 1);
-                    if degraded {
-                        counters::bump(&c.counts[counters::DEGRADED], 1);
-                    }
-                }
-                Ok(Decision::Admitted(Permit {
-                    handle: self,
-                    words: ctx.slots,
-                    grant: slots,
-                    tag,
-                    cost: req.cost,
-                    degraded,
-                    ticket: None,
-                    deps: [0; 4],
-                    released: false,
-                }))
-            }
-            Admission::Refused {
-                reason,
-                retry_after_ns,
-                largest,
-            } => Ok(self.refuse(
-                ctx.counts,
-                reason,
-                retry_after_ns.map(Duration::from_nanos),
-                largest,
-            )),
-        }
+        let adm = admit::decide(&ctx.params, &ctx.rec.tat.value, ctx.slots, ask, now, tag);
+        Ok(self.conclude(adm, ctx.counts, ctx.slots, tag, req.cost, [0; 4]))
     }
 
     /// `try_acquire` for a class with policy (pause, dependencies, tenants,
@@ -851,41 +838,13 @@ impl<'c> ClassHandle<'c> {
             lane,
         };
         let now = ctx.now_units_at(now_ns);
-        match admit::decide(&ctx.params, &ctx.rec.tat.value, ctx.slots, ask, now, tag) {
-            Admission::Admitted { slots, degraded } => {
-                policy::after_admit(ctx, req.attempt);
-                if let Some(c) = ctx.counts {
-                    counters::bump(&c.counts[counters::ADMITTED], 1);
-                    if degraded {
-                        counters::bump(&c.counts[counters::DEGRADED], 1);
-                    }
-                }
-                Ok(Decision::Admitted(Permit {
-                    handle: self,
-                    words: ctx.slots,
-                    grant: slots,
-                    tag,
-                    cost: taken.cost,
-                    degraded,
-                    ticket: None,
-                    deps: deps_of(ctx),
-                    released: false,
-                }))
-            }
-            Admission::Refused {
-                reason,
-                retry_after_ns,
-                largest,
-            } => {
-                policy::give_back(ctx, &taken);
-                Ok(self.refuse(
-                    ctx.counts,
-                    reason,
-                    retry_after_ns.map(Duration::from_nanos),
-                    largest,
-                ))
-            }
+        let adm = admit::decide(&ctx.params, &ctx.rec.tat.value, ctx.slots, ask, now, tag);
+        if matches!(adm, Admission::Admitted { .. }) {
+            policy::after_admit(ctx, req.attempt);
+        } else {
+            policy::give_back(ctx, &taken);
         }
+        Ok(self.conclude(adm, ctx.counts, ctx.slots, tag, taken.cost, deps_of(ctx)))
     }
 
     /// Tickets wait ahead of this request: help them along, then refuse

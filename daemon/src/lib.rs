@@ -11,6 +11,24 @@ pub mod reclaim;
 pub mod region;
 pub mod stats;
 
+/// Log to stderr with tracing: `SLUICE_LOG` (an env-filter) wins, else
+/// `levels` = [quiet, default, -v, -vv and more].
+pub fn init_logging(quiet: bool, verbose: u8, levels: [&str; 4]) {
+    let level = match (quiet, verbose) {
+        (true, _) => levels[0],
+        (false, 0) => levels[1],
+        (false, 1) => levels[2],
+        _ => levels[3],
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("SLUICE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+}
+
 /// sysexits codes used by both binaries.
 pub mod exit {
     /// Success.

@@ -62,19 +62,7 @@ fn main() -> ExitCode {
             return ExitCode::from(code as u8);
         }
     };
-    let level = match (args.quiet, args.verbose) {
-        (true, _) => "warn",
-        (false, 0) => "info",
-        (false, 1) => "debug",
-        _ => "trace",
-    };
-    let filter = tracing_subscriber::EnvFilter::try_from_env("SLUICE_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    sluice_daemon::init_logging(args.quiet, args.verbose, ["warn", "info", "debug", "trace"]);
 
     let config = match &args.config {
         Some(path) => match Config::load(path) {

@@ -25,14 +25,20 @@ pub struct DepArg {
     pub dependency: String,
 }
 
-/// Send `req` to the daemon and print `ok` (or fail with its error).
-pub fn send(region: &Path, socket: Option<&Path>, req: serde_json::Value, ok: &str) -> i32 {
+/// Send `req` to the daemon; on success print what `ok` makes of its
+/// answer and exit 0, else say why (64 refused, 69 unreachable).
+pub fn send_with(
+    region: &Path,
+    socket: Option<&Path>,
+    req: serde_json::Value,
+    ok: impl FnOnce(&serde_json::Value) -> String,
+) -> i32 {
     let socket = socket
         .map(Path::to_path_buf)
         .unwrap_or_else(|| crate::control::default_socket(region));
     match crate::control::request(&socket, &req) {
         Ok(answer) if answer.get("ok").and_then(|v| v.as_bool()) == Some(true) => {
-            println!("{ok}");
+            println!("{}", ok(&answer));
             exit::OK
         }
         Ok(answer) => {
@@ -50,6 +56,11 @@ pub fn send(region: &Path, socket: Option<&Path>, req: serde_json::Value, ok: &s
             ),
         ),
     }
+}
+
+/// Send `req` to the daemon and print `ok` (or fail with its error).
+pub fn send(region: &Path, socket: Option<&Path>, req: serde_json::Value, ok: &str) -> i32 {
+    send_with(region, socket, req, |_| ok.to_string())
 }
 
 /// `pause` / `resume`.

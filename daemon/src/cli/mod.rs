@@ -101,19 +101,7 @@ pub fn main() -> i32 {
             };
         }
     };
-    let level = match (cli.quiet, cli.verbose) {
-        (true, _) => "error",
-        (false, 0) => "warn",
-        (false, 1) => "info",
-        _ => "debug",
-    };
-    let filter = tracing_subscriber::EnvFilter::try_from_env("SLUICE_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    crate::init_logging(cli.quiet, cli.verbose, ["error", "warn", "info", "debug"]);
     let region = sluice_client::region_path(cli.region.as_deref());
     match cli.command {
         Command::Stats(a) => stats::run(&region, &a),

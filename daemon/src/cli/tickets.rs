@@ -90,39 +90,14 @@ fn table(list: &[TicketInfo]) -> String {
 
 /// Run `cancel`.
 pub fn cancel(region: &Path, socket: Option<&Path>, args: &CancelArgs) -> i32 {
-    let socket = socket
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| crate::control::default_socket(region));
-    let req = json!({"cmd": "cancel", "ticket": args.ticket});
-    match crate::control::request(&socket, &req) {
-        Ok(answer) if answer.get("ok").and_then(|v| v.as_bool()) == Some(true) => {
-            let what = answer
-                .get("result")
-                .and_then(|v| v.as_str())
-                .unwrap_or("cancelled");
-            if what == "cancel_requested" {
-                println!(
-                    "ticket {}: granted; its holder was asked to stop",
-                    args.ticket
-                );
-            } else {
-                println!("ticket {}: cancelled", args.ticket);
+    let id = args.ticket;
+    let req = json!({"cmd": "cancel", "ticket": id});
+    crate::cli::control_cmds::send_with(region, socket, req, |answer| {
+        match answer.get("result").and_then(|v| v.as_str()) {
+            Some("cancel_requested") => {
+                format!("ticket {id}: granted; its holder was asked to stop")
             }
-            exit::OK
+            _ => format!("ticket {id}: cancelled"),
         }
-        Ok(answer) => {
-            let e = answer
-                .get("error")
-                .and_then(|v| v.as_str())
-                .unwrap_or("refused");
-            fail(exit::USAGE, e)
-        }
-        Err(e) => fail(
-            exit::UNAVAILABLE,
-            format!(
-                "cannot reach sluiced at {}: {e}; is it running? (sluice stats)",
-                socket.display()
-            ),
-        ),
-    }
+    })
 }
