@@ -71,7 +71,7 @@ const CLASS_ENV: &str = "SLUICE_BENCH_CLASS";
 /// small queues (a dispatch scans every ticket record of the class).
 const HANDOFF_CONFIG: &str = r#"
 [daemon]
-capacity = { classes = 2, clients = 16, tickets = 64, slots = 16 }
+capacity = { classes = 2, clients = 16, tickets = 80, slots = 16 }
 
 [region]
 mode = "0600"
@@ -1118,7 +1118,7 @@ fn rows_breakdown(plan: &Plan, rows: &mut Vec<Row>) {
 }
 
 // ---------------------------------------------------------------------------
-// How cost grows: classes configured and processes running
+// How cost grows: classes configured, processes running, slots per class
 // ---------------------------------------------------------------------------
 
 /// The `scale_classes_*` rows: (classes configured, row of the `slots`-like
@@ -1133,6 +1133,13 @@ const SCALE_CLASSES: [(u32, &str, &str); 4] = [
 /// Process counts of the `scale_procs_slots` rows.
 const SCALE_PROCS: [u32; 3] = [1, 2, 4];
 
+/// The `scale_in_flight_*` rows: `max_in_flight` of a one-class region.
+const SCALE_IN_FLIGHT: [(u32, &str); 3] = [
+    (64, "scale_in_flight_64"),
+    (1_024, "scale_in_flight_1024"),
+    (16_384, "scale_in_flight_16384"),
+];
+
 /// Client records of a scaling region: the parent, four workers, spare.
 const SCALE_CLIENTS: u32 = 8;
 
@@ -1140,86 +1147,145 @@ const SCALE_CLIENTS: u32 = 8;
 /// 1, plus the pool of 64 (see the daemon's `ticket_records`).
 const SCALE_TICKETS_PER_CLASS: u32 = 4 * 2 + 64;
 
-/// The limits of the measured class of a scaling region, as the bench
-/// classes `slots` and `both` have them.
-const SCALE_SLOTS_LIMITS: &str = "max_in_flight = 64\n";
-const SCALE_BOTH_LIMITS: &str = "rate = 1e9\nburst = 1000000000\nmax_in_flight = 64\n";
+/// The rate limits of the `both`-like measured class (the bench class
+/// `both`'s).
+const SCALE_RATE: &str = "rate = 1e9\nburst = 1000000000\n";
 
-/// A config of `classes` classes named `c0`, `c1`, ...; the last one gets
-/// `measured` (the limits of a bench class), every other the smallest a
-/// class can reserve (`max_in_flight = 1`: one slot word). All have
-/// `queue_depth = 1`, and the capacities are exactly what the classes need,
-/// so the 4,096-class region stays a few tens of MB.
-fn scale_config(classes: u32, measured: &str) -> String {
-    let mut text = String::with_capacity(64 * classes as usize + 256);
+/// The measured class of a scaling region.
+#[derive(Clone, Copy)]
+struct Measured1 {
+    /// Its `max_in_flight`.
+    max_in_flight: u32,
+    /// A rate as well (the `both` class) or slots only (`slots`).
+    rate: bool,
+}
+
+/// A config of `classes` classes named `c0`, `c1`, ...: the last one is
+/// `m`, every other the smallest a class can be (`max_in_flight = 1`: one
+/// slot word). All have `queue_depth = 1`; tickets are exactly what the
+/// classes need. With `reserve` the slot table has twice the slots the
+/// classes need, so the daemon gives every class its reload reserve (twice
+/// `max_in_flight` words), as it does whenever `capacity.slots` has room to
+/// spare (the default 65,536 nearly always has); without, exactly what they
+/// need and no reserve.
+fn scale_config(classes: u32, m: Measured1, reserve: bool) -> String {
+    let need = m.max_in_flight + (classes - 1);
+    let mut text = String::with_capacity(48 * classes as usize + 256);
     let _ = writeln!(
         text,
         "[daemon]\ncapacity = {{ classes = {classes}, clients = {SCALE_CLIENTS}, \
          tickets = {}, slots = {} }}\n\n[region]\nmode = \"0600\"\n",
         classes * SCALE_TICKETS_PER_CLASS,
-        64 + (classes - 1),
+        if reserve { 2 * need } else { need },
     );
     for i in 0..classes {
-        let limits = if i + 1 == classes {
-            measured
+        let _ = write!(text, "[classes.c{i}]\nqueue_depth = 1\n");
+        if i + 1 == classes {
+            let rate = if m.rate { SCALE_RATE } else { "" };
+            let _ = writeln!(text, "{rate}max_in_flight = {}\n", m.max_in_flight);
         } else {
-            "max_in_flight = 1\n"
-        };
-        let _ = writeln!(text, "[classes.c{i}]\n{limits}queue_depth = 1\n");
+            let _ = writeln!(text, "max_in_flight = 1\n");
+        }
     }
     text
 }
 
 /// A region laid out from `config_text` by the daemon's own code in a
-/// private temp dir under /dev/shm, as `common::bench_region` does. The
-/// directory goes when the returned guard drops (after the region).
-fn scale_region(config_text: &str, tag: &str) -> (sluice_daemon::region::OwnedRegion, PathBuf, tempfile::TempDir) {
+/// private temp dir under /dev/shm, as `common::bench_region` does. Drop
+/// the region before the directory.
+fn scale_region(
+    config_text: &str,
+    tag: &str,
+) -> (
+    sluice_daemon::region::OwnedRegion,
+    PathBuf,
+    tempfile::TempDir,
+) {
     let dir = tempfile::Builder::new()
         .prefix("sluice-bench-scale-")
         .tempdir_in(common::shm_dir())
         .unwrap();
     let path = dir.path().join("region");
     let config = sluice_daemon::config::Config::parse(config_text, tag)
-        .unwrap_or_else(|e| panic!("the {tag} scaling config is valid: {e}"));
+        .unwrap_or_else(|e| panic!("the {tag} scaling config is valid: {e:?}"));
     let owned = sluice_daemon::region::open_region(&path, &config, monotonic_ns())
         .expect("a fresh region in a private temp dir");
     (owned, path, dir)
 }
 
-/// `scale_classes_N` / `scale_both_classes_N`: the `sluice_slots` /
-/// `sluice_both` operation on the last class of a region with N classes
-/// configured (the others idle), one process. Flat across N is the goal:
-/// the fast path touches the one class record, its slot words and the
-/// client's counter block for that class, wherever they sit.
+/// Measure the `sluice_*` operation, one process, on the last class of a
+/// region laid out from `scale_config(classes, m, reserve)`.
+fn scale_row(plan: &Plan, name: &'static str, classes: u32, m: Measured1, reserve: bool) -> Row {
+    let (owned, path, dir) = scale_region(&scale_config(classes, m, reserve), name);
+    let bytes = std::fs::metadata(&path).map_or(0, |md| md.len());
+    let last = format!("c{}", classes - 1);
+    let mut row = with_sluice(&path, &last, |op| plan.local(name, op));
+    row.note = Some(format!(
+        "{classes} cl, max {}{}, region {:.1} MB",
+        m.max_in_flight,
+        if reserve {
+            " (+reserve)"
+        } else {
+            ", no reserve"
+        },
+        bytes as f64 / 1e6
+    ));
+    drop(owned);
+    drop(dir);
+    row
+}
+
+/// The scaling rows.
 ///
-/// `scale_procs_slots`: the `sluice_slots` operation in 1, 2 and 4 worker
-/// processes at once, each on a class of its own (`p0`..`p3`, 64 slots
-/// each) of one region; workers are pinned round-robin to the CPUs. Flat
-/// median and ops/s growing with min(procs, CPUs) is the goal.
+/// - `scale_classes_N` / `scale_both_classes_N`: the `sluice_slots` /
+///   `sluice_both` operation on the last class (64 slots; `both` adds the
+///   bench rate) of a region with N classes configured, the others idle;
+///   one process; every class with its reload reserve, as the bench
+///   `slots` class has. Flat across N is the goal: the fast path touches
+///   the one class record, its slot words and the client's counter block
+///   for that class, wherever they sit.
+/// - `scale_reserve_none`: `scale_classes_1` without the reserve (the slot
+///   table exactly full), to show what the reserve costs.
+/// - `scale_in_flight_M`: one class of `max_in_flight = M` with its
+///   reserve: a grant from a class whose slot range is larger than its
+///   limit counts every held word of the range (`admit::decide`), so this
+///   grows with M.
+/// - `scale_procs_slots`: the `sluice_slots` operation in 1, 2 and 4 worker
+///   processes at once, each on a class of its own (`p0`..`p3`, 64 slots
+///   and the reserve each) of one region; workers pinned round-robin to the
+///   CPUs. Flat median and ops/s growing with min(procs, CPUs) is the goal.
 fn rows_scale(plan: &Plan, rows: &mut Vec<Row>) {
+    let slots64 = Measured1 {
+        max_in_flight: 64,
+        rate: false,
+    };
+    let both64 = Measured1 {
+        max_in_flight: 64,
+        rate: true,
+    };
     for (classes, slots_row, both_row) in SCALE_CLASSES {
-        for (row, limits) in [(slots_row, SCALE_SLOTS_LIMITS), (both_row, SCALE_BOTH_LIMITS)] {
-            let (owned, path, dir) = scale_region(&scale_config(classes, limits), row);
-            let bytes = std::fs::metadata(&path).map_or(0, |m| m.len());
-            let last = format!("c{}", classes - 1);
-            let mut r = with_sluice(&path, &last, |op| plan.local(row, op));
-            r.note = Some(format!(
-                "{classes} classes, region {:.1} MB",
-                bytes as f64 / 1e6
-            ));
-            rows.push(r);
-            drop(owned);
-            drop(dir);
-        }
+        rows.push(scale_row(plan, slots_row, classes, slots64, true));
+        rows.push(scale_row(plan, both_row, classes, both64, true));
+    }
+    rows.push(scale_row(plan, "scale_reserve_none", 1, slots64, false));
+    for (max_in_flight, name) in SCALE_IN_FLIGHT {
+        let m = Measured1 {
+            max_in_flight,
+            rate: false,
+        };
+        rows.push(scale_row(plan, name, 1, m, true));
     }
 
     let mut text = format!(
         "[daemon]\ncapacity = {{ classes = 4, clients = {SCALE_CLIENTS}, tickets = {}, \
-         slots = 256 }}\n\n[region]\nmode = \"0600\"\n",
+         slots = 512 }}\n\n[region]\nmode = \"0600\"\n",
         4 * SCALE_TICKETS_PER_CLASS
     );
     for i in 0..4 {
-        let _ = writeln!(text, "[classes.p{i}]\n{SCALE_SLOTS_LIMITS}queue_depth = 1\n");
+        let _ = writeln!(
+            text,
+            "[classes.p{i}]\nmax_in_flight = 64\nqueue_depth = 1\n"
+        );
     }
     let (owned, path, dir) = scale_region(&text, "scale_procs");
     for n in SCALE_PROCS {
@@ -1227,7 +1293,7 @@ fn rows_scale(plan: &Plan, rows: &mut Vec<Row>) {
             cmd.env(CLASS_ENV, format!("p{i}"));
         });
         if r.note.is_none() {
-            r.note = Some("one class per process".to_string());
+            r.note = Some("one class per process (+reserve)".to_string());
         }
         rows.push(r);
     }
@@ -1237,42 +1303,47 @@ fn rows_scale(plan: &Plan, rows: &mut Vec<Row>) {
 
 /// How the scaling rows compare with their smallest case.
 fn print_scaling(rows: &[Row]) {
+    let median_of = |name: &str, procs: u32| {
+        rows.iter()
+            .find(|r| r.name == name && r.procs == procs)
+            .and_then(|r| r.median_ns)
+    };
+    let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
+        (Some(a), Some(b)) if b > 0.0 => format!("{:.2}", a / b),
+        _ => "-".to_string(),
+    };
     println!();
-    println!("how cost grows (median vs the 1-class region; ops/s vs 1 process):");
-    for (prefix, label) in [
-        ("scale_classes_", "sluice_slots"),
-        ("scale_both_classes_", "sluice_both"),
-    ] {
-        let base = rows
-            .iter()
-            .find(|r| r.name == format!("{prefix}1"))
-            .and_then(|r| r.median_ns);
-        let mut line = format!("  {label:<14} classes");
-        for (classes, _, _) in SCALE_CLASSES {
-            let m = rows
-                .iter()
-                .find(|r| r.name == format!("{prefix}{classes}"))
-                .and_then(|r| r.median_ns);
-            let ratio = match (m, base) {
-                (Some(m), Some(b)) if b > 0.0 => format!("{:.2}", m / b),
-                _ => "-".to_string(),
-            };
-            let _ = write!(line, "  {classes}: {ratio}");
+    println!("how cost grows (median over the smallest case; ops/s over 1 process):");
+    for (idx, label) in [(1, "sluice_slots"), (2, "sluice_both")] {
+        let name = |c: &(u32, &'static str, &'static str)| if idx == 1 { c.1 } else { c.2 };
+        let base = median_of(name(&SCALE_CLASSES[0]), 1);
+        let mut line = format!("  {label:<13} classes:");
+        for c in &SCALE_CLASSES {
+            let _ = write!(line, "  {} -> {}", c.0, ratio(median_of(name(c), 1), base));
         }
         println!("{line}");
     }
-    let base = find(rows, "scale_procs_slots", 1).and_then(|r| r.ops_per_sec);
-    let mut line = "  sluice_slots   procs  ".to_string();
+    let base = median_of(SCALE_IN_FLIGHT[0].1, 1);
+    let mut line = "  sluice_slots  max_in_flight:".to_string();
+    for (m, name) in SCALE_IN_FLIGHT {
+        let _ = write!(line, "  {m} -> {}", ratio(median_of(name, 1), base));
+    }
+    println!("{line}");
+    println!(
+        "  sluice_slots  reserve: with / without = {}",
+        ratio(
+            median_of(SCALE_CLASSES[0].1, 1),
+            median_of("scale_reserve_none", 1)
+        )
+    );
+    let ops = |n| find(rows, "scale_procs_slots", n).and_then(|r| r.ops_per_sec);
+    let mut line = "  sluice_slots  procs (own class each):".to_string();
     for n in SCALE_PROCS {
-        let r = find(rows, "scale_procs_slots", n);
-        let ratio = match (r.and_then(|r| r.ops_per_sec), base) {
-            (Some(o), Some(b)) if b > 0.0 => format!("{:.2}", o / b),
-            _ => "-".to_string(),
-        };
         let _ = write!(
             line,
-            "  {n}: ops/s x{ratio} (median {})",
-            fmt_opt(r.and_then(|r| r.median_ns), 1)
+            "  {n} -> ops/s x{}, median {}",
+            ratio(ops(n), ops(1)),
+            fmt_opt(median_of("scale_procs_slots", n), 1)
         );
     }
     println!("{line}");

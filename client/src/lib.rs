@@ -252,7 +252,7 @@ pub enum AttachError {
     #[error(transparent)]
     Open(#[from] OpenError),
     /// Every client record is taken.
-    #[error("region {path}: all {capacity} client records are taken: raise daemon.capacity.clients in the config, or find the processes holding them with `sluice stats`")]
+    #[error("region {path}: all {capacity} client records are taken: raise daemon.capacity.clients in the config, or see daemon.clients and daemon.registry_full in `sluice stats --json`")]
     RegistryFull {
         /// The region.
         path: PathBuf,
@@ -365,6 +365,11 @@ impl Client {
         let caps = region.geometry().caps;
         let records = (0..caps.clients).filter_map(|i| region.client(i).map(|r| (i, &r.state)));
         let Some((index, generation)) = registry::claim(records, pid) else {
+            // Relaxed: a counter for stats.
+            region
+                .header()
+                .registry_full
+                .fetch_add(1, Ordering::Relaxed);
             return Err(AttachError::RegistryFull {
                 path,
                 capacity: caps.clients,

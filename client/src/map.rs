@@ -2,7 +2,7 @@
 
 use std::fs::File;
 use std::io;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::ptr::NonNull;
 
@@ -99,16 +99,29 @@ impl RegionMap {
         } else {
             "reading"
         };
+        // O_NONBLOCK: a FIFO (or other special file) at the path must not
+        // block the open; it is refused below as not a regular file.
         let file = std::fs::OpenOptions::new()
             .read(true)
             .write(writable)
+            .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
             .open(path)
             .map_err(|e| open_error(path, access, e))?;
         let io = |op: &'static str| {
             let path = path.to_path_buf();
             move |source| OpenError::Io { path, op, source }
         };
-        let len = file.metadata().map_err(io("stat"))?.len();
+        let meta = file.metadata().map_err(io("stat"))?;
+        if !meta.file_type().is_file() {
+            return Err(OpenError::Io {
+                path: path.to_path_buf(),
+                op: "open",
+                source: io::Error::other(
+                    "not a regular file: point --region / SLUICE_REGION at the region sluiced created",
+                ),
+            });
+        }
+        let len = meta.len();
         let layout_err = |source: layout::AttachError| OpenError::Layout {
             path: path.to_path_buf(),
             hint: hint_for(&source),

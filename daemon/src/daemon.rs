@@ -23,6 +23,19 @@ use crate::region::{self, OwnedRegion};
 static TERMINATE: AtomicBool = AtomicBool::new(false);
 static RELOAD: AtomicBool = AtomicBool::new(false);
 
+/// SIGBUS: the region file was truncated under us and a cut-off page was
+/// touched. Nothing in the mapping can be trusted; say so and exit (systemd
+/// restarts the daemon; the next one refuses the truncated file clearly).
+extern "C" fn on_sigbus(_sig: libc::c_int) {
+    const MSG: &[u8] = b"sluiced: SIGBUS: the region file was truncated under the daemon; exiting (remove the file and start again)\n";
+    // SAFETY: write(2) and _exit(2) are async-signal-safe; MSG is a valid
+    // buffer of its length.
+    unsafe {
+        libc::write(2, MSG.as_ptr().cast(), MSG.len());
+        libc::_exit(70);
+    }
+}
+
 extern "C" fn on_signal(sig: libc::c_int) {
     // Only async-signal-safe work here: set a flag.
     match sig {
@@ -41,6 +54,14 @@ pub fn install_signals() -> std::io::Result<()> {
         SaFlags::empty(),
         SigSet::empty(),
     );
+    let bus = SigAction::new(
+        SigHandler::Handler(on_sigbus),
+        SaFlags::empty(),
+        SigSet::empty(),
+    );
+    // SAFETY: the handler only calls write(2) and _exit(2), both
+    // async-signal-safe.
+    unsafe { sigaction(Signal::SIGBUS, &bus) }.map_err(std::io::Error::from)?;
     for sig in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
         // SAFETY: the handler only stores to atomics, which is
         // async-signal-safe.
@@ -175,6 +196,10 @@ pub fn run(mut config: Config, opts: Options) -> Result<(), DaemonError> {
     let mut drain_deadline: Option<Instant> = None;
     let mut owned = owned;
     loop {
+        if region::truncated(&owned) {
+            let res = region::regrow(&owned);
+            tracing::error!(region = %owned.path().display(), regrown = res.is_ok(), "region file was truncated under the daemon: grew it back to its size; what was cut off is lost (zeros)");
+        }
         if region::vanished(&owned) {
             match region::recreate(&owned, &config, monotonic_ns()) {
                 Ok(fresh) => {
@@ -202,6 +227,7 @@ pub fn run(mut config: Config, opts: Options) -> Result<(), DaemonError> {
             last_seed = Instant::now();
             region::seed_tenant_keys(region, &config, &region::tier_names(&config));
             crate::maintain::evict_tenants(region);
+            crate::maintain::clear_overcommit(region);
             let mut found = crate::maintain::audit_header(region, drain_deadline.is_some());
             let orphans = crate::maintain::audit_slots(region);
             if orphans > 0 {

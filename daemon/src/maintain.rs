@@ -410,3 +410,33 @@ pub fn audit_slots(region: &Region) -> u64 {
     }
     freed
 }
+
+/// Clear a class's overcommit bit once no permit is held at or above its
+/// (lowered) `max_in_flight`: admission goes back to the plain claim.
+pub fn clear_overcommit(region: &Region) {
+    use sluice_shm_layout::layout::CLASS_OVERCOMMIT;
+    for i in 0..region.geometry().caps.classes {
+        let Some(rec) = region.class(i) else { break };
+        // Relaxed: the daemon is the only writer of these fields.
+        if rec.flags.load(Ordering::Relaxed) & CLASS_OVERCOMMIT == 0 {
+            continue;
+        }
+        let max = rec.max_in_flight.load(Ordering::Relaxed);
+        let (b, l) = (
+            rec.slot_base.load(Ordering::Relaxed),
+            rec.slot_len.load(Ordering::Relaxed),
+        );
+        let Some(words) = region.slots(b, l) else {
+            continue;
+        };
+        // SeqCst loads: a held word above the limit must be seen before
+        // the bit goes; a claim there is impossible (it is above every
+        // ceiling), so once none is seen, none appears.
+        let above = words
+            .get(max as usize..)
+            .is_some_and(|tail| tail.iter().any(|w| w.load(Ordering::SeqCst) != 0));
+        if !above {
+            rec.flags.fetch_and(!CLASS_OVERCOMMIT, Ordering::SeqCst);
+        }
+    }
+}

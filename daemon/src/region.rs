@@ -23,8 +23,8 @@ use sluice_shm_layout::layout::{
     HEADER_SIZE,
 };
 use sluice_shm_layout::layout::{
-    CLASS_HAS_DEPS, CLASS_ON_DEP_QUEUE, CLASS_ON_PAUSED_QUEUE, CLASS_PAUSED, CLASS_RETRY_BUDGET,
-    CLASS_TENANTS, DEPS, TENANTS_ON_FULL_SHARED, TIERS,
+    CLASS_HAS_DEPS, CLASS_ON_DEP_QUEUE, CLASS_ON_PAUSED_QUEUE, CLASS_OVERCOMMIT, CLASS_PAUSED,
+    CLASS_RETRY_BUDGET, CLASS_TENANTS, DEPS, TENANTS_ON_FULL_SHARED, TIERS,
 };
 use sluice_shm_layout::queue::{TicketWord, T_FREE};
 use sluice_shm_layout::sync::Ordering;
@@ -241,6 +241,15 @@ pub fn open_region(path: &Path, config: &Config, now_ns: u64) -> Result<OwnedReg
         });
     }
     // Apply mode (the umask narrowed it at creation) and group.
+    let found_mode = meta.permissions().mode() & 0o7777;
+    if !fresh && found_mode != mode {
+        tracing::warn!(
+            region = %path.display(),
+            found = format!("{found_mode:04o}"),
+            config = format!("{mode:04o}"),
+            "region file had another mode; set it back to the config's"
+        );
+    }
     file.set_permissions(std::fs::Permissions::from_mode(mode))
         .map_err(io_err(path, "chmod"))?;
     if let Some(group) = &config.region.group {
@@ -265,7 +274,18 @@ pub fn open_region(path: &Path, config: &Config, now_ns: u64) -> Result<OwnedReg
             source,
         })?;
         created = false;
-        RegionMap::open(path, true).map_err(|e| RegionError::Config(e.to_string()))?
+        let want = capacities(config);
+        let have = Geometry::new(want).map(|g| g.caps).ok();
+        let map = RegionMap::open(path, true).map_err(|e| RegionError::Config(e.to_string()))?;
+        if have.is_some_and(|h| h != map.region().geometry().caps) {
+            tracing::warn!(
+                region = %path.display(),
+                region_caps = ?map.region().geometry().caps,
+                config_caps = ?want,
+                "daemon.capacity differs from the existing region's; the region keeps its sizes (they are fixed at creation): re-create it to resize"
+            );
+        }
+        map
     } else {
         // New, empty, or never published (its creator died before the end):
         // nobody can be attached, so lay it out from scratch.
@@ -552,6 +572,16 @@ fn write_limits(
     deps: &std::collections::HashMap<String, u32>,
 ) {
     // Policy bits; the pause bit is runtime state and survives a reload.
+    // Lowering the limit may leave permits held above it: counted until the
+    // daemon sees them gone (see `maintain::clear_overcommit`).
+    // Relaxed: the daemon is the only writer of the limit.
+    let old_max = rec.max_in_flight.load(Ordering::Relaxed);
+    let new_max = class.max_in_flight.unwrap_or(0) as u32;
+    let lowered = if new_max < old_max {
+        CLASS_OVERCOMMIT
+    } else {
+        0
+    };
     let mut bits = 0;
     if class.on_paused == QueuePolicy::Queue {
         bits |= CLASS_ON_PAUSED_QUEUE;
@@ -592,7 +622,7 @@ fn write_limits(
     let _ = rec
         .flags
         .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |f| {
-            Some((f & CLASS_PAUSED) | bits)
+            Some((f & (CLASS_PAUSED | CLASS_OVERCOMMIT)) | bits | lowered)
         });
     let max = class.max_in_flight.unwrap_or(0) as u32;
     let soft = class.soft_in_flight.map(|s| s as u32).unwrap_or(max);
@@ -960,4 +990,20 @@ pub fn recreate(
         "region file vanished (RemoveIPC or rm?): re-created it from the daemon's copy; clients must re-attach; permits held in it stay counted until their holders exit"
     );
     Ok(owned)
+}
+
+/// True when the region file is now shorter than the region: someone
+/// truncated it under us. Touching the cut-off pages would fault (SIGBUS).
+pub fn truncated(owned: &OwnedRegion) -> bool {
+    owned
+        .map()
+        .file()
+        .metadata()
+        .is_ok_and(|m| m.len() < owned.region().geometry().size)
+}
+
+/// Grow a truncated region file back to its size (the cut-off part reads
+/// as zeros), so that nobody faults on it. What was cut off is lost.
+pub fn regrow(owned: &OwnedRegion) -> io::Result<()> {
+    owned.map().file().set_len(owned.region().geometry().size)
 }

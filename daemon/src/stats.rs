@@ -31,6 +31,12 @@ pub struct DaemonInfo {
     pub generation: u64,
     /// True while draining.
     pub draining: bool,
+    /// Client processes attached now.
+    pub clients: u64,
+    /// Client records in the region.
+    pub clients_capacity: u32,
+    /// Attaches refused because every client record was taken.
+    pub registry_full: u64,
 }
 
 /// One class.
@@ -188,8 +194,18 @@ impl Snapshot {
             generation: h.generation.load(Ordering::Relaxed),
             draining: h.flags.load(Ordering::Relaxed) & sluice_shm_layout::layout::FLAG_DRAINING
                 != 0,
+            clients: 0,
+            clients_capacity: 0,
+            registry_full: 0,
         };
         let live = live_clients(region);
+        let daemon = DaemonInfo {
+            clients: live.len() as u64,
+            clients_capacity: region.geometry().caps.clients,
+            // Relaxed: a counter.
+            registry_full: h.registry_full.load(Ordering::Relaxed),
+            ..daemon
+        };
         let mut classes = Vec::new();
         for i in 0..region.geometry().caps.classes {
             let Some(rec) = region.class(i) else { break };

@@ -57,6 +57,7 @@ impl Class {
                 lane_ceiling: [n as u32; 4],
                 rate: None,
                 max_cost: 0,
+                overcommit: false,
             },
             tat: AtomicU64::new(0),
             slots: (0..n).map(|_| AtomicU64::new(0)).collect(),

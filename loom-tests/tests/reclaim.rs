@@ -124,6 +124,7 @@ fn class(rate: RateParams) -> ClassParams {
         lane_ceiling: [SLOTS as u32; 4],
         rate: Some(rate),
         max_cost: 0,
+        overcommit: false,
     }
 }
 

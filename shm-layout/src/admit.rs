@@ -40,6 +40,9 @@ pub struct ClassParams {
     pub rate: Option<RateParams>,
     /// Cap on cost; 0 = none.
     pub max_cost: u64,
+    /// A reload lowered the limit and permits may be held above it: count
+    /// every held slot after a claim ([`crate::layout::CLASS_OVERCOMMIT`]).
+    pub overcommit: bool,
 }
 
 /// What a request asks for.
@@ -138,9 +141,7 @@ pub fn decide(
         // permits held above the new limit still count. Take, then count
         // every held word, and give back if over (never over-admits; two
         // racers may both give back).
-        if slot_words.len() > p.max_in_flight as usize
-            && slots::in_flight(slot_words) > u64::from(p.max_in_flight)
-        {
+        if p.overcommit && slots::in_flight(slot_words) > u64::from(p.max_in_flight) {
             slots::release(slot_words, &grant, tag);
             return Admission::Refused {
                 reason: Reason::NotNow,
@@ -210,6 +211,7 @@ impl ClassParams {
             lane_ceiling,
             rate,
             max_cost: rec.max_cost.load(Relaxed),
+            overcommit: rec.flags.load(Relaxed) & crate::layout::CLASS_OVERCOMMIT != 0,
         }
     }
 }
@@ -247,6 +249,7 @@ mod tests {
             lane_ceiling: lanes,
             rate: None,
             max_cost: 0,
+            overcommit: false,
         }
     }
 

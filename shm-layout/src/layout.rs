@@ -101,6 +101,10 @@ pub const CLASS_TENANTS: u32 = 8;
 pub const CLASS_RETRY_BUDGET: u32 = 16;
 /// Class `flags` bit: the class lists dependencies.
 pub const CLASS_HAS_DEPS: u32 = 32;
+/// Class `flags` bit: a reload lowered `max_in_flight` and permits may still
+/// be held above it; admission counts every held slot until the daemon sees
+/// none above the limit and clears the bit.
+pub const CLASS_OVERCOMMIT: u32 = 128;
 
 /// The region header.
 #[repr(C, align(128))]
@@ -156,7 +160,9 @@ pub struct Header {
     _pad1: AtomicU32,
     /// CLOCK_MONOTONIC (ns) of the daemon's last heartbeat.
     pub heartbeat_ns: AtomicU64,
-    _reserved1: [AtomicU64; 14],
+    /// Attaches refused because every client record was taken.
+    pub registry_full: AtomicU64,
+    _reserved1: [AtomicU64; 13],
     /// Line 2, geometry of the policy tables: byte offset of the dependency
     /// records.
     pub off_deps: AtomicU64,

@@ -484,9 +484,7 @@ fn take_for(
         crate::sync::fence(Ordering::SeqCst);
         grant = slots::claim(view.slots, ceiling, soft, cost, tag).ok_or(Dispatch::BlockedSlots)?;
         // Held above a limit a reload lowered: see `admit::decide`.
-        if view.slots.len() > p.max_in_flight as usize
-            && slots::in_flight(view.slots) > u64::from(p.max_in_flight)
-        {
+        if p.overcommit && slots::in_flight(view.slots) > u64::from(p.max_in_flight) {
             slots::release(view.slots, &grant, tag);
             return Err(Dispatch::BlockedSlots);
         }

@@ -29,6 +29,21 @@ pub fn run(args: &CheckArgs) -> i32 {
         return exit::USAGE;
     };
     match Config::load(path) {
+        Ok(c)
+            if c.region
+                .group
+                .as_ref()
+                .is_some_and(|g| nix::unistd::Group::from_name(g).ok().flatten().is_none()) =>
+        {
+            let g = c.region.group.unwrap_or_default();
+            crate::cli::fail(
+                exit::CONFIG,
+                format!(
+                    "{}: region.group {g:?} does not exist on this host: create it (see packaging/sluice.sysusers) or remove the setting",
+                    path.display()
+                ),
+            )
+        }
         Ok(c) => {
             let names: Vec<&str> = c.classes.iter().map(|c| c.name.as_str()).collect();
             let plural = |n: usize, one: &str, many: &str| {

@@ -112,10 +112,17 @@ pub fn table(s: &Snapshot, region: &Path) -> String {
     };
     let _ = writeln!(
         out,
-        "sluiced {state} (pid {}, heartbeat {} ago) region {}",
+        "sluiced {state} (pid {}, heartbeat {} ago) region {}, {} of {} clients attached{}",
         d.pid,
         age(d.heartbeat_age_ms),
-        region.display()
+        region.display(),
+        d.clients,
+        d.clients_capacity,
+        if d.registry_full > 0 {
+            format!(", {} attaches refused: registry full", d.registry_full)
+        } else {
+            String::new()
+        }
     );
     let head = [
         "CLASS",
@@ -132,7 +139,9 @@ pub fn table(s: &Snapshot, region: &Path) -> String {
     ];
     let mut rows: Vec<Vec<String>> = vec![head.iter().map(|h| h.to_string()).collect()];
     for c in &s.classes {
-        let refused: u64 = c.refused.values().sum();
+        // Saturating: the counts come from the region, which anyone with
+        // write access can scribble on.
+        let refused = c.refused.values().fold(0u64, |a, &b| a.saturating_add(b));
         rows.push(vec![
             if c.paused {
                 format!("{} (paused)", c.name)
@@ -255,6 +264,15 @@ pub fn prometheus(s: &Snapshot) -> String {
     );
     let _ = writeln!(out, "# TYPE sluice_daemon_running gauge");
     let _ = writeln!(out, "sluice_daemon_running {}", u8::from(d.running));
+    let _ = writeln!(out, "# HELP sluice_clients Client processes attached.");
+    let _ = writeln!(out, "# TYPE sluice_clients gauge");
+    let _ = writeln!(out, "sluice_clients {}", d.clients);
+    let _ = writeln!(
+        out,
+        "# HELP sluice_registry_full_total Attaches refused: every client record taken."
+    );
+    let _ = writeln!(out, "# TYPE sluice_registry_full_total counter");
+    let _ = writeln!(out, "sluice_registry_full_total {}", d.registry_full);
     let _ = writeln!(
         out,
         "# HELP sluice_daemon_heartbeat_age_seconds Time since the daemon's last heartbeat."
