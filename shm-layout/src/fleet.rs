@@ -17,8 +17,9 @@
 //!
 //! Transitions: a client's take writes `(epoch, tokens − n)` if `tokens ≥ n`;
 //! a give-back writes `(epoch, tokens + n)` only while the epoch is the one
-//! it took from; the daemon's top-up writes `(epoch, tokens + k)`; its drain
-//! writes `(epoch + 1, 0)` and returns the tokens it removed.
+//! it took from; the daemon's top-up writes `(epoch, tokens + k)`; its
+//! renewal writes `(epoch + 1, k)` and its drain `(epoch + 1, 0)`, each
+//! returning the tokens it removed.
 //!
 //! # Invariant
 //!
@@ -118,6 +119,20 @@ pub fn drain(credit: &AtomicU64) -> u64 {
     tokens(prev)
 }
 
+/// Daemon: replace the credit with a new lease of `n` tokens in a new
+/// epoch; returns the tokens of the old lease left unspent (to return).
+pub fn renew(credit: &AtomicU64, n: u64) -> u64 {
+    // AcqRel: Release publishes the new lease to clients' Acquire takes;
+    // Acquire sees every take of the old epoch, so what we return is
+    // exactly what nobody spent. A give-back of the old epoch then fails.
+    let prev = credit
+        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |w| {
+            Some(((epoch(w).wrapping_add(1) << TOKEN_BITS) & !TOKEN_MASK) | n.min(TOKEN_MASK))
+        })
+        .unwrap_or_else(|w| w);
+    tokens(prev)
+}
+
 /// Whether the lease published in `until_ns` may be spent at `now_ns`.
 pub fn lease_valid(until_ns: &AtomicU64, now_ns: u64) -> bool {
     // Acquire: pairs with the daemon's Release store after its top-up, so a
@@ -156,6 +171,16 @@ mod tests {
         let e = take(&w, 4).expect("5 tokens cover 4");
         top_up(&w, 2);
         give_back(&w, e, 4);
+        assert_eq!(tokens(w.load(Ordering::Relaxed)), 7);
+    }
+
+    #[test]
+    fn renew_returns_the_unspent_and_voids_old_give_backs() {
+        let w = AtomicU64::new(0);
+        top_up(&w, 5);
+        let e = take(&w, 2).expect("5 tokens cover 2");
+        assert_eq!(renew(&w, 7), 3);
+        give_back(&w, e, 2);
         assert_eq!(tokens(w.load(Ordering::Relaxed)), 7);
     }
 
