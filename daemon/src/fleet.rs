@@ -274,7 +274,10 @@ impl Leaser {
         if let Some(rec) = region.class(st.index) {
             // Relaxed: expiry first, so clients stop before the drain.
             rec.fleet_lease_until_ns.store(0, Ordering::Relaxed);
-            give += fleet::drain(&rec.fleet_credit);
+            let drained = fleet::drain(&rec.fleet_credit);
+            // Relaxed: a statistic (tokens leave the host when drained).
+            rec.fleet_returned.fetch_add(drained, Ordering::Relaxed);
+            give += drained;
         }
         if give == 0 || !self.ensure_connected() {
             return;
@@ -282,10 +285,6 @@ impl Leaser {
         let f = st.fleet.clone();
         match self.call(name, &f, 0, give, 0, st.seen_tat, 0.0) {
             Ok(_) => {
-                if let Some(rec) = region.class(st.index) {
-                    // Relaxed: a statistic.
-                    rec.fleet_returned.fetch_add(give, Ordering::Relaxed);
-                }
                 tracing::info!(class = name, tokens = give, "fleet credit returned");
             }
             Err(e) => self.went_down(&e),
@@ -367,8 +366,7 @@ impl Leaser {
                         rec.fleet_lease_until_ns
                             .store(sent_ns + lifetime_ns, Ordering::Release);
                         // Relaxed: statistics and hints.
-                        rec.fleet_returned
-                            .fetch_add(st.to_return, Ordering::Relaxed);
+                        rec.fleet_returned.fetch_add(unspent, Ordering::Relaxed);
                         rec.fleet_leased.fetch_add(g.granted, Ordering::Relaxed);
                         rec.fleet_rtt_us
                             .store(sent.elapsed().as_micros() as u64, Ordering::Relaxed);
@@ -405,8 +403,11 @@ impl Leaser {
 
 /// Admitted plus refused for lack of fleet credit: this host's demand.
 fn region_demand(region: &Region, index: u32) -> u64 {
-    crate::maintain::count(region, index, counters::ADMITTED)
-        .wrapping_add(crate::maintain::count(region, index, counters::REFUSED_FLEET))
+    crate::maintain::count(region, index, counters::ADMITTED).wrapping_add(crate::maintain::count(
+        region,
+        index,
+        counters::REFUSED_FLEET,
+    ))
 }
 
 /// Keep the status's fallback bit in line with the lease.
