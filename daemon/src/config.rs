@@ -2665,14 +2665,14 @@ acme = "paid"
 
     #[test]
     fn fleet_keys_parse() {
-        let config = parse(&format!(
+        let config = parse(
             "[fleet]\nstore = \"rediss://r:6380\"\nnamespace = \"prod\"\n\
              lease_interval = \"200ms\"\nresponse_timeout = \"20ms\"\n\
              on_store_down = \"refuse\"\n\
              [classes.api]\nfleet_rate = 10\nfleet_burst = 8\nfleet_weight = 3\n\
              fleet_fallback_rate = 2.5\nfleet_fallback_burst = 2\nfleet_max_lease = 8\n\
-             fleet_enforce = false\n"
-        ));
+             fleet_enforce = false\n",
+        );
         let f = config.fleet.clone().expect("the file has a [fleet] table");
         assert_eq!(f.connect_timeout, Duration::from_millis(100));
         assert_eq!(f.response_timeout, Duration::from_millis(20));
