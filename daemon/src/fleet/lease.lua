@@ -78,9 +78,11 @@ local granted = 0
 if want > 0 then
   local base = math.max(tat, now)
   local avail = math.floor((now + burst * t_ns / 1000 - base) * 1000 / t_ns)
-  local share = burst
+  -- This host's weighted share of what the bucket holds now, so hosts
+  -- asking in turn split the refill instead of the first taking it all.
+  local share = avail
   if weights > 0 and demand > 0 then
-    share = math.max(1, math.floor(burst * weight / weights))
+    share = math.max(1, math.ceil(avail * weight / weights))
   end
   granted = math.max(0, math.min(want, avail, share))
   if granted > 0 then
