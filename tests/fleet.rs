@@ -266,6 +266,11 @@ fn equal_demand_gets_equal_shares() {
         .into_iter()
         .map(|c| collect(c).admits.len())
         .collect();
+    // `sluice fleet`: the store's view through either daemon: two hosts.
+    let out = daemons[0].sluice(&["fleet", "--json"]);
+    assert_eq!(common::code(&out), 0, "{}", common::stderr(&out));
+    let view: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(view["classes"][0]["active_hosts"].as_u64(), Some(2), "{view}");
     let total: usize = counts.iter().sum();
     eprintln!("admitted per host with equal demand: {counts:?}");
     for n in &counts {

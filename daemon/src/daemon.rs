@@ -113,12 +113,25 @@ pub fn run(mut config: Config, opts: Options) -> Result<(), DaemonError> {
         }
     })?;
     let pid = std::process::id();
+    // The config in force, for the leasing thread and `sluice fleet`.
+    let shared_config = std::sync::Arc::new(std::sync::Mutex::new(config.clone()));
+    let config_for_control = std::sync::Arc::clone(&shared_config);
     let shared = std::sync::Arc::clone(&current);
     std::thread::Builder::new()
         .name("control".into())
         .spawn(move || {
             crate::control::serve(listener, move |req, peer| {
                 let owned = shared.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                if req.get("cmd").and_then(|c| c.as_str()) == Some("fleet") {
+                    let cfg = config_for_control
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .clone();
+                    return match crate::fleet::store_view(&cfg) {
+                        Ok(view) => json!({"ok": true, "fleet": view}),
+                        Err(e) => json!({"ok": false, "error": e}),
+                    };
+                }
                 answer(&owned, req, peer, pid)
             })
         })
@@ -162,7 +175,6 @@ pub fn run(mut config: Config, opts: Options) -> Result<(), DaemonError> {
     ]);
     // The leasing thread: idle without a [fleet] table; it follows reloads
     // through `shared_config` and returns the credit when `stop_leasing`.
-    let shared_config = std::sync::Arc::new(std::sync::Mutex::new(config.clone()));
     let stop_leasing = std::sync::Arc::new(AtomicBool::new(false));
     let leasing = crate::fleet::spawn(
         std::sync::Arc::clone(&current),
@@ -354,7 +366,7 @@ fn answer(
         }
         Some(other) => json!({
             "ok": false,
-            "error": format!("unknown command {other:?}: this sluiced knows ping, cancel, pause, resume, trip and heal")
+            "error": format!("unknown command {other:?}: this sluiced knows ping, cancel, pause, resume, trip, heal and fleet")
         }),
         None => json!({"ok": false, "error": "request has no \"cmd\""}),
     }

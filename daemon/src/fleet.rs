@@ -473,3 +473,73 @@ pub fn spawn(
             }
         })
 }
+
+/// The store's view of every fleet class (for `sluice fleet`): per class the
+/// fill, the active hosts, and each host's demand, weight and share. Reads
+/// only, on a connection of its own with the configured timeouts.
+pub fn store_view(config: &Config) -> Result<serde_json::Value, String> {
+    let Some(fc) = &config.fleet else {
+        return Err("this sluiced has no [fleet] table".to_string());
+    };
+    let leaser = Leaser::new(fc.clone(), String::new());
+    let mut con = leaser
+        .connect()
+        .map_err(|e| format!("cannot reach the fleet store {}: {e}", fc.store))?;
+    let err = |e: redis::RedisError| format!("fleet store {}: {e}", fc.store);
+    let (secs, micros): (u64, u64) = redis::cmd("TIME").query(&mut con).map_err(err)?;
+    let now = secs * 1_000_000 + micros;
+    let quiet = fc.lease_interval.as_micros() as u64 * u64::from(QUIET_INTERVALS);
+    let mut classes = Vec::new();
+    for c in &config.classes {
+        let Some(f) = &c.fleet else { continue };
+        let (bucket, hosts_key) = keys(&fc.namespace, &c.name);
+        let b: HashMap<String, u64> = redis::cmd("HGETALL")
+            .arg(&bucket)
+            .query(&mut con)
+            .map_err(err)?;
+        let t_ns = b
+            .get("t_ns")
+            .copied()
+            .unwrap_or((1e9 / f.rate).ceil() as u64)
+            .max(1);
+        let burst = b.get("burst").copied().unwrap_or(f.burst);
+        let tat = b.get("tat").copied().unwrap_or(0);
+        let room_us = (burst as f64 * t_ns as f64 / 1000.0) - (tat.max(now) - now) as f64;
+        let fill = ((room_us * 1000.0 / t_ns as f64).floor().max(0.0) as u64).min(burst);
+        let h: HashMap<String, String> = redis::cmd("HGETALL")
+            .arg(&hosts_key)
+            .query(&mut con)
+            .map_err(err)?;
+        let mut hosts: Vec<(String, f64, u64)> = h
+            .iter()
+            .filter_map(|(host, v)| {
+                let mut it = v.split_whitespace().map(|x| x.parse::<u64>().ok());
+                let (d, w, seen) = (it.next()??, it.next()??, it.next()??);
+                (seen + quiet >= now).then(|| (host.clone(), d as f64 / 1000.0, w))
+            })
+            .collect();
+        hosts.sort_by(|a, b| a.0.cmp(&b.0));
+        let weights: u64 = hosts.iter().filter(|h| h.1 > 0.0).map(|h| h.2).sum();
+        let host_list: Vec<serde_json::Value> = hosts
+            .iter()
+            .map(|(host, demand, w)| {
+                let share = if *demand > 0.0 && weights > 0 {
+                    *w as f64 / weights as f64
+                } else {
+                    0.0
+                };
+                serde_json::json!({"host": host, "demand_per_s": demand, "weight": w, "share": share})
+            })
+            .collect();
+        classes.push(serde_json::json!({
+            "name": c.name,
+            "key": bucket,
+            "rate": 1e9 / t_ns as f64,
+            "burst": burst,
+            "fill": fill,
+            "active_hosts": hosts.len(),
+            "hosts": host_list,
+        }));
+    }
+    Ok(serde_json::json!({"store": fc.store, "namespace": fc.namespace, "classes": classes}))
+}
