@@ -207,6 +207,7 @@ impl Leaser {
             .arg((demand_per_s * 1000.0).round() as u64)
             .arg(f.weight)
             .arg(quiet_us)
+            .arg(self.config.lease_interval.as_micros() as u64)
             .invoke(con)?;
         let at = |i: usize| reply.get(i).copied().unwrap_or(0).max(0) as u64;
         Ok(Grant {

@@ -3,7 +3,7 @@
 -- KEYS[1]  sluice:<namespace>:{<class>}        hash: tat (us), t_ns, burst
 -- KEYS[2]  sluice:<namespace>:{<class>}:hosts  hash: host -> "demand weight seen_us"
 -- ARGV     host, t_ns, burst, want, give, charge, seen_tat, demand_milli,
---          weight, quiet_us
+--          weight, quiet_us, interval_us
 -- Returns  {granted, tat, active_hosts, mismatch, now}
 --
 -- Times are integer microseconds from the store's own TIME, so every host
@@ -23,6 +23,7 @@ local seen_tat = tonumber(ARGV[7])
 local demand = tonumber(ARGV[8])
 local weight = tonumber(ARGV[9])
 local quiet = tonumber(ARGV[10])
+local interval = tonumber(ARGV[11])
 
 -- The store's rate and burst win over ours; a difference is reported.
 local mismatch = 0
@@ -78,11 +79,20 @@ local granted = 0
 if want > 0 then
   local base = math.max(tat, now)
   local avail = math.floor((now + burst * t_ns / 1000 - base) * 1000 / t_ns)
-  -- This host's weighted share of what the bucket holds now, so hosts
-  -- asking in turn split the refill instead of the first taking it all.
+  -- This host's weighted share of one interval's refill, or of what the
+  -- bucket holds when that is more (a full bucket's burst is shared too).
+  -- Hosts asking in turn each get their share, whatever their phase.
   local share = avail
   if weights > 0 and demand > 0 then
-    share = math.max(1, math.ceil(avail * weight / weights))
+    local refill = interval * 1000 / t_ns
+    local exact = math.max(avail, refill) * weight / weights
+    -- Rounded up with probability equal to the fraction (the clock's low
+    -- digits stand in for a random number), so no host gains by its phase.
+    share = math.floor(exact)
+    if (now % 997) / 997 < exact - share then
+      share = share + 1
+    end
+    share = math.max(1, share)
   end
   granted = math.max(0, math.min(want, avail, share))
   if granted > 0 then
