@@ -3,8 +3,10 @@
 //! moves hosts to their fallback without any decision waiting on it; a Redis
 //! restarted empty hands out no fresh burst.
 //!
-//! These tests need Redis: `.ci/run` starts one on a Unix socket and exports
-//! its path as `SLUICE_TEST_REDIS`. Without it they print why and pass.
+//! Most need Redis: `.ci/run` starts one on a Unix socket and exports its
+//! path as `SLUICE_TEST_REDIS`; without it they print why and pass. The
+//! store-down policies (fallback, open, refuse, shadow mode) are tested
+//! without one: the store named does not exist.
 
 #![allow(clippy::unwrap_used)]
 
@@ -371,4 +373,96 @@ fn restarted_empty_redis_hands_out_no_fresh_burst() {
         (n as f64) <= bound,
         "{n} admitted after an empty restart: a fresh burst (bound {bound})"
     );
+}
+
+/// A daemon whose store does not exist (it starts, and stays, store-down).
+fn storeless(dir_hint: &str, fleet_extra: &str, class_extra: &str) -> Daemon {
+    let config = format!(
+        "{SMALL_CAPACITY}[fleet]\nstore = \"redis+unix:///nonexistent/{dir_hint}.sock\"\n\
+         lease_interval = \"50ms\"\n{fleet_extra}\n[classes.api]\nfleet_rate = 1000\n\
+         fleet_burst = 100\n{class_extra}\n"
+    );
+    Daemon::start(&config)
+}
+
+/// Decide `n` requests on class `api` now; returns the decisions' reasons
+/// (`admitted` or the refusal reason) and the first fleet retry-after.
+fn decide(d: &Daemon, n: usize) -> (Vec<String>, Option<Duration>) {
+    let client = sluice_client::Client::attach(d.region()).unwrap();
+    let api = client.class("api").unwrap();
+    let mut out = Vec::new();
+    let mut retry = None;
+    for _ in 0..n {
+        match api.try_acquire(&sluice_client::Request::new()).unwrap() {
+            sluice_client::Decision::Admitted(p) => {
+                out.push("admitted".to_string());
+                drop(p);
+            }
+            sluice_client::Decision::Refused(no) => {
+                if no.reason == sluice_client::RefuseReason::Fleet && retry.is_none() {
+                    retry = no.retry_after;
+                }
+                out.push(no.reason.to_string());
+            }
+        }
+    }
+    (out, retry)
+}
+
+#[test]
+fn store_down_at_start_spends_the_fallback_bucket() {
+    let d = storeless(
+        "fallback",
+        "",
+        "fleet_fallback_rate = 1\nfleet_fallback_burst = 2",
+    );
+    let (got, retry) = decide(&d, 4);
+    assert_eq!(got, ["admitted", "admitted", "fleet", "fleet"]);
+    // The fallback bucket's own retry-after: about one second at 1/s.
+    let retry = retry.expect("a fallback refusal says when to come back");
+    assert!(
+        retry > Duration::from_millis(500) && retry <= Duration::from_secs(1),
+        "{retry:?}"
+    );
+    let api = d.class_stats("api");
+    let f = &api["fleet"];
+    assert_eq!(f["on_fallback"], Value::Bool(true), "{api}");
+    assert_eq!(f["fallback_used"].as_u64(), Some(2), "{api}");
+    assert_eq!(api["refused"]["fleet"].as_u64(), Some(2), "{api}");
+    common::poll(Duration::from_secs(10), "the outage counted", || {
+        let f = fleet_stats(&d);
+        if f["outages"].as_u64() == Some(1) {
+            Ok(())
+        } else {
+            Err(f)
+        }
+    });
+    assert!(d.log().contains("fleet store unreachable"), "{}", d.log());
+}
+
+#[test]
+fn store_down_refuse_and_open() {
+    let refuse = storeless("refuse", "on_store_down = \"refuse\"", "");
+    let (got, retry) = decide(&refuse, 2);
+    assert_eq!(got, ["fleet", "fleet"]);
+    assert!(
+        retry.is_some_and(|r| r <= Duration::from_millis(50)),
+        "{retry:?}"
+    );
+    let open = storeless("open", "on_store_down = \"open\"", "");
+    let (got, _) = decide(&open, 3);
+    assert_eq!(got, ["admitted", "admitted", "admitted"]);
+}
+
+#[test]
+fn shadow_mode_counts_but_never_refuses() {
+    let d = storeless(
+        "shadow",
+        "on_store_down = \"refuse\"",
+        "fleet_enforce = false",
+    );
+    let (got, _) = decide(&d, 3);
+    assert_eq!(got, ["admitted", "admitted", "admitted"]);
+    let f = fleet_stats(&d);
+    assert_eq!(f["shadow_refused"].as_u64(), Some(3), "{f}");
 }

@@ -311,6 +311,7 @@ impl Leaser {
         let interval_ns = interval.as_nanos() as u64;
         let lifetime_ns = interval_ns * u64::from(LEASE_LIFETIME_INTERVALS);
         let names: Vec<String> = self.classes.keys().cloned().collect();
+        let was_down = self.down;
         let mut connected = self.ensure_connected();
         for name in names {
             let Some(mut st) = self.classes.remove(&name) else {
@@ -391,13 +392,20 @@ impl Leaser {
                     Err(e) => {
                         self.went_down(&e);
                         connected = false;
-                        // Relaxed: a statistic.
-                        rec.fleet_outages.fetch_add(1, Ordering::Relaxed);
                     }
                 }
             }
             set_fallback_bit(rec, monotonic_ns());
             self.classes.insert(name, st);
+        }
+        // A new outage counts once per class.
+        if self.down && !was_down {
+            for st in self.classes.values() {
+                if let Some(rec) = region.class(st.index) {
+                    // Relaxed: a statistic.
+                    rec.fleet_outages.fetch_add(1, Ordering::Relaxed);
+                }
+            }
         }
     }
 }
