@@ -466,3 +466,25 @@ fn shadow_mode_counts_but_never_refuses() {
     let f = fleet_stats(&d);
     assert_eq!(f["shadow_refused"].as_u64(), Some(3), "{f}");
 }
+
+#[test]
+fn run_with_wait_sleeps_through_a_fleet_refusal() {
+    let d = storeless(
+        "wait",
+        "",
+        "fleet_fallback_rate = 5\nfleet_fallback_burst = 1",
+    );
+    let first = d.sluice(&["run", "--class", "api", "--", "true"]);
+    assert_eq!(common::code(&first), 0, "{}", common::stderr(&first));
+    // The bucket is empty now: without a wait, refused `fleet` (exit 75).
+    let no_wait = d.sluice(&["run", "--class", "api", "--", "true"]);
+    assert_eq!(common::code(&no_wait), 75, "{}", common::stderr(&no_wait));
+    assert!(
+        common::stderr(&no_wait).contains("fleet"),
+        "{}",
+        common::stderr(&no_wait)
+    );
+    // Willing to wait: it sleeps until the bucket has a token (≤ 200 ms).
+    let waited = d.sluice(&["run", "--class", "api", "--wait", "5s", "--", "true"]);
+    assert_eq!(common::code(&waited), 0, "{}", common::stderr(&waited));
+}
