@@ -472,7 +472,7 @@ fn run_with_wait_sleeps_through_a_fleet_refusal() {
     let d = storeless(
         "wait",
         "",
-        "fleet_fallback_rate = 5\nfleet_fallback_burst = 1",
+        "fleet_fallback_rate = 0.5\nfleet_fallback_burst = 1",
     );
     let first = d.sluice(&["run", "--class", "api", "--", "true"]);
     assert_eq!(common::code(&first), 0, "{}", common::stderr(&first));
@@ -484,7 +484,80 @@ fn run_with_wait_sleeps_through_a_fleet_refusal() {
         "{}",
         common::stderr(&no_wait)
     );
-    // Willing to wait: it sleeps until the bucket has a token (≤ 200 ms).
+    // Willing to wait: it sleeps until the bucket has a token (≤ 2 s).
     let waited = d.sluice(&["run", "--class", "api", "--wait", "5s", "--", "true"]);
     assert_eq!(common::code(&waited), 0, "{}", common::stderr(&waited));
+}
+
+/// The issue's acceptance run: two daemons, `fleet_rate = 100`,
+/// `fleet_burst = 100`, `fleet_fallback_rate = 10`, the default lease
+/// interval (100 ms, so a lease lives 200 ms), both driven as fast as they
+/// admit for 10 s.
+#[test]
+fn acceptance_two_hosts_ten_seconds() {
+    let Some(socket) = test_redis("acceptance_two_hosts_ten_seconds") else {
+        return;
+    };
+    let ns = namespace("acceptance");
+    let config = format!(
+        "{SMALL_CAPACITY}[fleet]\nstore = \"redis+unix://{}\"\nnamespace = \"{ns}\"\n\
+         [classes.api]\nfleet_rate = 100\nfleet_burst = 100\nfleet_fallback_rate = 10\n",
+        socket.display()
+    );
+    let a = Daemon::start(&config);
+    let b = Daemon::start(&config);
+    wait_leased(&a);
+    wait_leased(&b);
+    let drivers = [drive(&a, 10.0, 0.0), drive(&b, 10.0, 0.0)];
+    let [da, db] = drivers.map(collect);
+    let total = da.admits.len() + db.admits.len();
+    let bound = 100.0 * (10.0 + 0.2) + 100.0;
+    eprintln!(
+        "admitted on a {} + on b {} = {total}; bound {bound}",
+        da.admits.len(),
+        db.admits.len()
+    );
+    assert!(total as f64 <= bound, "{total} admitted, over {bound}");
+    let f = fleet_stats(&a);
+    for key in [
+        "leased",
+        "used",
+        "returned",
+        "expired",
+        "credit",
+        "on_fallback",
+        "lease_rtt_us",
+        "outages",
+        "hosts",
+        "config_mismatch",
+    ] {
+        assert!(f.get(key).is_some(), "no {key} in the fleet object: {f}");
+    }
+    let out = a.sluice(&["fleet"]);
+    assert_eq!(common::code(&out), 0, "{}", common::stderr(&out));
+    assert!(
+        common::stdout(&out).contains("2 active hosts"),
+        "{}",
+        common::stdout(&out)
+    );
+}
+
+#[test]
+fn a_host_configured_differently_is_reported_not_obeyed() {
+    let Some(socket) = test_redis("a_host_configured_differently_is_reported_not_obeyed") else {
+        return;
+    };
+    let ns = namespace("mismatch");
+    let first = Daemon::start(&fleet_config(&socket, &ns, "fleet_rate = 100"));
+    wait_leased(&first);
+    let other = Daemon::start(&fleet_config(&socket, &ns, "fleet_rate = 5000"));
+    common::poll(Duration::from_secs(10), "the mismatch reported", || {
+        let f = fleet_stats(&other);
+        if f["config_mismatch"] == Value::Bool(true) {
+            Ok(())
+        } else {
+            Err(f)
+        }
+    });
+    assert_eq!(fleet_stats(&first)["config_mismatch"], Value::Bool(false));
 }

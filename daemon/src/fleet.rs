@@ -258,7 +258,11 @@ impl Leaser {
                     demand_count: region_demand(region, index),
                     demand_per_s: 0.0,
                     to_return: 0,
-                    seen_tat: 0,
+                    seen_tat: region
+                        .class(index)
+                        // Relaxed: written only by this thread (or a daemon
+                        // before us on this region).
+                        .map_or(0, |r| r.fleet_seen_tat.load(Ordering::Relaxed)),
                     fallback_charged: region
                         .class(index)
                         // Relaxed: a running total.
@@ -375,6 +379,7 @@ impl Leaser {
                         st.to_return = unspent;
                         st.fallback_charged = used;
                         st.seen_tat = st.seen_tat.max(g.tat);
+                        rec.fleet_seen_tat.store(st.seen_tat, Ordering::Relaxed);
                         if g.hosts != st.hosts {
                             st.hosts = g.hosts.max(1);
                             if st.fleet.fallback_rate == FallbackRate::Auto {

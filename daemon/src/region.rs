@@ -514,6 +514,7 @@ pub fn apply_classes(region: &Region, config: &Config, now_ns: u64) -> Result<()
                     &rec.fleet_rtt_us,
                     &rec.fleet_outages,
                     &rec.fleet_status,
+                    &rec.fleet_seen_tat,
                 ] {
                     w.store(0, Ordering::Relaxed);
                 }

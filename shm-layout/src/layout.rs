@@ -322,7 +322,10 @@ pub struct ClassRecord {
     /// Status (daemon-written): active hosts in bits 0..32, on fallback in
     /// bit 32, the store's config differs from ours in bit 33.
     pub fleet_status: AtomicU64,
-    _reserved_tail: [AtomicU64; 3],
+    /// The highest fleet `tat` the store reported (µs of the store's
+    /// clock), kept here so a restarted daemon still sends it (daemon-only).
+    pub fleet_seen_tat: AtomicU64,
+    _reserved_tail: [AtomicU64; 2],
 }
 
 /// A dependency's circuit breaker (see [`crate::breaker`]).
@@ -421,6 +424,7 @@ const _: () = {
     assert!(std::mem::offset_of!(ClassRecord, fleet_lease_until_ns) == 1936);
     assert!(std::mem::offset_of!(ClassRecord, fleet_fallback_tat) == 1952);
     assert!(std::mem::offset_of!(ClassRecord, fleet_status) == 2016);
+    assert!(std::mem::offset_of!(ClassRecord, fleet_seen_tat) == 2024);
     assert!(std::mem::size_of::<DepRecord>() == DEP_SIZE);
     assert!(std::mem::size_of::<TierRecord>() == TIER_SIZE);
     assert!(std::mem::size_of::<crate::tenants::TenantRecord>() == TENANT_SIZE);
