@@ -561,3 +561,42 @@ fn a_host_configured_differently_is_reported_not_obeyed() {
     });
     assert_eq!(fleet_stats(&first)["config_mismatch"], Value::Bool(false));
 }
+
+#[test]
+fn a_class_removed_by_reload_returns_its_credit_once() {
+    let Some(socket) = test_redis("a_class_removed_by_reload_returns_its_credit_once") else {
+        return;
+    };
+    let ns = namespace("reload");
+    let two = fleet_config(&socket, &ns, "fleet_rate = 100") + "[classes.gone]\nfleet_rate = 100\n";
+    let d = Daemon::start(&two);
+    wait_leased(&d);
+    common::poll(Duration::from_secs(10), "class gone leased", || {
+        let s = d.class_stats("gone");
+        if s["fleet"]["leased"].as_u64().unwrap_or(0) > 0 {
+            Ok(())
+        } else {
+            Err(s)
+        }
+    });
+    std::fs::write(
+        d.dir().join("sluice.toml"),
+        fleet_config(&socket, &ns, "fleet_rate = 100"),
+    )
+    .unwrap();
+    signal(d.pid(), libc::SIGHUP);
+    common::poll(Duration::from_secs(10), "the return logged", || {
+        let log = d.log();
+        if log.contains("fleet credit returned class=\"gone\"") {
+            Ok(())
+        } else {
+            Err(log)
+        }
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let returns = d
+        .log()
+        .matches("fleet credit returned class=\"gone\"")
+        .count();
+    assert_eq!(returns, 1, "{}", d.log());
+}
