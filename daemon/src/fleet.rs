@@ -171,7 +171,12 @@ impl Leaser {
         self.con = None;
         if !self.down {
             self.down = true;
-            tracing::error!(store = %self.config.store, error = %e, "fleet store unreachable: classes spend their fallback once their lease expires");
+            let why = if e.is_timeout() {
+                format!("no answer within {:?} ({e})", self.config.response_timeout)
+            } else {
+                e.to_string()
+            };
+            tracing::error!(store = %self.config.store, error = %why, "fleet store unreachable: classes spend their fallback once their lease expires");
         }
     }
 
