@@ -114,6 +114,17 @@ fn fast_path(c: &mut Criterion) {
     }
     g.finish();
 
+    // Fleet leasing on vs off, same run: `both` and the same limits with a
+    // fleet lease open (one more clock-free check, one more CAS on the
+    // credit word).
+    common::open_fleet_lease(&region);
+    let mut g = c.benchmark_group("fleet");
+    for name in ["both", "both_fleet"] {
+        let h = client.class(name).unwrap();
+        g.bench_function(name, |b| uncontended(b, &h));
+    }
+    g.finish();
+
     let mut g = c.benchmark_group("refused");
     let one = client.class("one").unwrap();
     g.bench_function("slots_full", |b| refused(b, &one));

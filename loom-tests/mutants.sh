@@ -106,6 +106,7 @@ S=shm-layout/src/slots.rs
 A=shm-layout/src/admit.rs
 R=shm-layout/src/registry.rs
 Q=shm-layout/src/queue.rs
+F=shm-layout/src/fleet.rs
 
 # The replacement is a perl expression (evaluated with /ee); `$1` is the
 # first group of the pattern.
@@ -211,6 +212,15 @@ mutant dispatch-rollback-no-second-look $Q queue no_lost_wakeup_enqueue_vs_relea
 mutant clear-bits-ignores-granting $Q queue release_handoff_vs_new_try_acquire \
     'if again\.queued\[lane\] > 0 \|\| again\.granting\[lane\] > 0 \{' \
     '"if again.queued[lane] > 0 {"'
+
+# fleet: a give-back ignores the epoch (lands in the next lease).
+mutant fleet-give-back-ignores-epoch $F fleet renew_races_take_and_give_back \
+    '\(epoch\(w\) == taken_epoch\)\.then' \
+    '"(true || epoch(w) == taken_epoch).then"'
+# fleet: a take that does not check the tokens left.
+mutant fleet-take-overdraws $F fleet two_takers_one_token \
+    '\(tokens\(w\) >= n\)\.then\(\|\| w - n\)' \
+    '"Some(w.wrapping_sub(n) & (TOKEN_MASK | !TOKEN_MASK))"'
 
 echo "caught $caught of $total"
 if [ "$caught" -lt "$total" ]; then

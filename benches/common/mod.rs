@@ -21,6 +21,9 @@ use sluice_daemon::region::{open_region, OwnedRegion};
 ///   caller (≥ 1 ns per request) can never be refused.
 /// - `both`: the two limits above on one class.
 /// - `one`: `max_in_flight = 1`, for the refused path.
+/// - `both_fleet`: `both` with a fleet limit. No daemon leases for it (the
+///   store named is never contacted); a bench that wants the lease path
+///   opens a lease by hand ([`open_fleet_lease`]).
 pub const BENCH_CONFIG: &str = r#"
 [daemon]
 capacity = { classes = 8, clients = 256, tickets = 65536, slots = 1024 }
@@ -42,6 +45,16 @@ max_in_flight = 64
 
 [classes.one]
 max_in_flight = 1
+
+[fleet]
+store = "redis+unix:///nonexistent/sluice-bench.sock"
+
+[classes.both_fleet]
+rate = 1e9
+burst = 1000000000
+max_in_flight = 64
+fleet_rate = 1e9
+fleet_burst = 1000000000
 "#;
 
 /// A region file in a private temporary directory, owned (locked and laid
@@ -92,4 +105,21 @@ pub fn bench_region() -> BenchRegion {
     let owned = open_region(&path, &config, sluice_client::clock::monotonic_ns())
         .expect("a fresh region can be created in a private temp dir");
     BenchRegion { owned, path, dir }
+}
+
+/// Give class `both_fleet` a lease that never expires and 2⁴⁸ − 1 tokens of
+/// credit, as if a daemon had leased them: its requests then take the
+/// fleet credit on the fast path.
+pub fn open_fleet_lease(region: &BenchRegion) {
+    use sluice_shm_layout::fleet;
+    use sluice_shm_layout::sync::Ordering;
+    let r = region.owned().region();
+    let idx =
+        sluice_daemon::region::find_class(r, "both_fleet").expect("BENCH_CONFIG has both_fleet");
+    let rec = r
+        .class(idx)
+        .expect("a class index from find_class is in the table");
+    fleet::top_up(&rec.fleet_credit, fleet::TOKEN_MASK);
+    // Release: as the daemon publishes a lease after its credit.
+    rec.fleet_lease_until_ns.store(u64::MAX, Ordering::Release);
 }

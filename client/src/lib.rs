@@ -37,9 +37,10 @@ use std::time::Duration;
 
 use sluice_shm_layout::admit::{self, Admission, Ask, ClassParams};
 use sluice_shm_layout::counters::{self, Reason};
+use sluice_shm_layout::fleet;
 use sluice_shm_layout::layout::{
-    ClassRecord, CounterBlock, CLASS_ACTIVE, CLIENT_ALIVE, CLIENT_EXITING, FLAG_DRAINING,
-    FLAG_REPLACED,
+    ClassRecord, CounterBlock, CLASS_ACTIVE, CLASS_FLEET, CLIENT_ALIVE, CLIENT_EXITING,
+    FLAG_DRAINING, FLAG_REPLACED,
 };
 use sluice_shm_layout::queue::{self, ClassView, TicketRecord};
 use sluice_shm_layout::registry;
@@ -688,16 +689,36 @@ impl<'c> ClassHandle<'c> {
         // Acquire pairs with the daemon's Release store of a new generation
         // (see `record`); Relaxed loads after it: header flags, class
         // flags and waiters are hints, each re-checked on the slow path.
+        let flags = f.rec.flags.load(Ordering::Relaxed);
         if f.rec.generation.load(Ordering::Acquire) != self.generation
             || f.header.flags.load(Ordering::Relaxed) != 0
-            || f.rec.flags.load(Ordering::Relaxed) & policy::POLICY_FLAGS != 0
+            || flags & (policy::POLICY_FLAGS & !CLASS_FLEET) != 0
             || f.rec.waiters.value.load(Ordering::Relaxed) & queue::bits_at_or_above(lane) != 0
         {
             return None;
         }
         let params = ClassParams::load(f.rec);
+        // A fleet class with a valid lease and enough credit takes it here
+        // (given back if the host limits refuse); anything else (expired
+        // lease, short credit, shadow mode) goes the policy way.
+        let mut now_ns = 0;
+        let fleet_epoch = if flags & CLASS_FLEET != 0 {
+            now_ns = clock::monotonic_ns();
+            // Relaxed: a config bit, as in `policy::take_fleet`.
+            if f.rec.fleet_cfg.load(Ordering::Relaxed) & fleet::CFG_SHADOW != 0
+                || !fleet::lease_valid(&f.rec.fleet_lease_until_ns, now_ns)
+            {
+                return None;
+            }
+            Some(fleet::take(&f.rec.fleet_credit, req.cost).ok()?)
+        } else {
+            None
+        };
         let now = if params.rate.is_some() {
-            wait::units_at(clock::monotonic_ns(), f.epoch_ns)
+            if now_ns == 0 {
+                now_ns = clock::monotonic_ns();
+            }
+            wait::units_at(now_ns, f.epoch_ns)
         } else {
             0
         };
@@ -711,6 +732,9 @@ impl<'c> ClassHandle<'c> {
             lane,
         };
         let adm = admit::decide(&params, &f.rec.tat.value, slots, ask, now, f.tag);
+        if let (Admission::Refused { .. }, Some(epoch)) = (&adm, fleet_epoch) {
+            fleet::give_back(&f.rec.fleet_credit, epoch, req.cost);
+        }
         Some(Ok(
             self.conclude(adm, f.counts, slots, f.tag, req.cost, [0; 4])
         ))

@@ -3,6 +3,8 @@
 //!
 //! Order (after shape): paused → dependencies → tenant quota (checked, not
 //! yet taken) → retry budget (taken; given back if a later check refuses) →
+//! fleet credit, or the fallback bucket once the lease has expired (taken;
+//! given back if a later check refuses) →
 //! then [`sluice_shm_layout::admit`] takes slots and class tokens → on
 //! admission the tenant's tokens are taken and a first attempt refills the
 //! retry budget. Classes with none of these features skip this module: the
@@ -14,9 +16,10 @@ use sluice_shm_layout::admit::ClassParams;
 use sluice_shm_layout::breaker::{self, Gate};
 use sluice_shm_layout::bucket::{units_to_ns_ceil, BucketVerdict, RateParams};
 use sluice_shm_layout::counters::Reason;
+use sluice_shm_layout::fleet;
 use sluice_shm_layout::layout::{
-    TierRecord, CLASS_ON_DEP_QUEUE, CLASS_ON_PAUSED_QUEUE, CLASS_PAUSED, CLASS_RETRY_BUDGET,
-    CLASS_TENANTS,
+    TierRecord, CLASS_FLEET, CLASS_ON_DEP_QUEUE, CLASS_ON_PAUSED_QUEUE, CLASS_PAUSED,
+    CLASS_RETRY_BUDGET, CLASS_TENANTS,
 };
 use sluice_shm_layout::retry;
 use sluice_shm_layout::slots;
@@ -27,7 +30,7 @@ use crate::{AcquireError, Ctx, Refusal, Request};
 
 /// Class flags that send a request through this module.
 pub(crate) const POLICY_FLAGS: u32 =
-    CLASS_PAUSED | CLASS_TENANTS | CLASS_RETRY_BUDGET | CLASS_HAS_DEPS;
+    CLASS_PAUSED | CLASS_TENANTS | CLASS_RETRY_BUDGET | CLASS_HAS_DEPS | CLASS_FLEET;
 
 /// Class `flags` bit: the class lists dependencies.
 pub(crate) const CLASS_HAS_DEPS: u32 = sluice_shm_layout::layout::CLASS_HAS_DEPS;
@@ -44,6 +47,18 @@ pub(crate) struct Taken {
     pub probes: [u32; 4],
     /// The tenant tokens taken, to give back on a later refusal.
     pub tenant: Option<TenantTaken>,
+    /// The fleet credit or fallback tokens taken.
+    pub fleet: Option<FleetTaken>,
+}
+
+/// What the fleet check took.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum FleetTaken {
+    /// Tokens from the lease's credit word, in this epoch.
+    Credit { epoch: u64, n: u64 },
+    /// Tokens from the fallback bucket: the `tat` stored and the one it
+    /// replaced.
+    Fallback { n: u64, new_tat: u64, prev: u64 },
 }
 
 /// The outcome of the checks.
@@ -177,8 +192,16 @@ pub(crate) fn gates(
         }
     }
 
-    // Shape (with the tenant's caps); a partial request is cut down instead.
-    let largest = ctx.params.largest_cost(lane).min(tier_caps);
+    // Shape (with the tenant's caps and the largest lease); a partial
+    // request is cut down instead.
+    let mut largest = ctx.params.largest_cost(lane).min(tier_caps);
+    if flags & CLASS_FLEET != 0 {
+        // Relaxed: a config value; 0 (not yet written) means no cap.
+        let max_lease = ctx.rec.fleet_max_lease.load(Ordering::Relaxed);
+        if max_lease > 0 {
+            largest = largest.min(max_lease);
+        }
+    }
     if taken.cost > largest {
         if !req.allow_partial {
             return Ok(Gates::Refuse(refusal(
@@ -333,7 +356,101 @@ pub(crate) fn gates(
         }
         taken.retry = true;
     }
+
+    // Fleet credit: the lease, or the store-down policy once it expired.
+    if flags & CLASS_FLEET != 0 {
+        match take_fleet(ctx, taken.cost, now_ns, now_units) {
+            Ok(t) => taken.fleet = t,
+            Err(retry) => {
+                give_back(ctx, &taken);
+                return Ok(Gates::Refuse(refusal(Reason::Fleet, retry, None)));
+            }
+        }
+    }
     Ok(Gates::Go(taken))
+}
+
+/// Take `n` fleet tokens: from the lease while it is valid, else per
+/// `on_store_down`. `Err` carries the retry-after of a `fleet` refusal.
+fn take_fleet(
+    ctx: &Ctx<'_>,
+    n: u64,
+    now_ns: u64,
+    now_units: u64,
+) -> Result<Option<FleetTaken>, Option<u64>> {
+    let rec = ctx.rec;
+    // Relaxed: config values written by the daemon before the class's
+    // generation (loaded with Acquire by the caller).
+    let cfg = rec.fleet_cfg.load(Ordering::Relaxed);
+    let shadow = cfg & fleet::CFG_SHADOW != 0;
+    // The earliest a refused request may come back: the next lease, or one
+    // lease interval when none is planned (daemon gone).
+    let retry_after = || {
+        // Relaxed: a hint for the caller's retry time.
+        let next = rec.fleet_next_lease_ns.load(Ordering::Relaxed);
+        let interval = rec.fleet_interval_ns.load(Ordering::Relaxed).max(1);
+        Some(if next > now_ns {
+            next - now_ns
+        } else {
+            interval
+        })
+    };
+    let refuse = |retry: Option<u64>| {
+        if shadow {
+            // Relaxed: a statistic.
+            rec.fleet_shadow_refused.fetch_add(1, Ordering::Relaxed);
+            Ok(None)
+        } else {
+            Err(retry)
+        }
+    };
+
+    if fleet::lease_valid(&rec.fleet_lease_until_ns, now_ns) {
+        return match fleet::take(&rec.fleet_credit, n) {
+            Ok(epoch) => Ok(Some(FleetTaken::Credit { epoch, n })),
+            Err(_) => refuse(retry_after()),
+        };
+    }
+    match cfg & fleet::STORE_DOWN_MASK {
+        fleet::STORE_DOWN_OPEN => Ok(None),
+        fleet::STORE_DOWN_REFUSE => refuse(retry_after()),
+        _ => {
+            // Relaxed: config values, clamped (T = 0 means no bucket).
+            let t = rec.fleet_fallback_t.load(Ordering::Relaxed);
+            if t == 0 {
+                return refuse(retry_after());
+            }
+            let p = RateParams {
+                t,
+                burst: rec.fleet_fallback_burst.load(Ordering::Relaxed).max(1),
+                excess: 0,
+            };
+            match p.take_undoable(&rec.fleet_fallback_tat, now_units, n) {
+                (BucketVerdict::Green { new_tat } | BucketVerdict::Yellow { new_tat }, prev) => {
+                    // Relaxed: a running total the daemon samples.
+                    rec.fleet_fallback_used.fetch_add(n, Ordering::Relaxed);
+                    Ok(Some(FleetTaken::Fallback { n, new_tat, prev }))
+                }
+                (BucketVerdict::Red { retry_after }, _) => {
+                    refuse(Some(units_to_ns_ceil(retry_after)))
+                }
+                (BucketVerdict::Never, _) => refuse(None),
+            }
+        }
+    }
+}
+
+/// Give back fleet tokens (a later check refused).
+fn untake_fleet(ctx: &Ctx<'_>, t: &FleetTaken) {
+    match *t {
+        FleetTaken::Credit { epoch, n } => fleet::give_back(&ctx.rec.fleet_credit, epoch, n),
+        FleetTaken::Fallback { n, new_tat, prev } => {
+            if RateParams::untake(&ctx.rec.fleet_fallback_tat, new_tat, prev) {
+                // Relaxed: a running total the daemon samples.
+                ctx.rec.fleet_fallback_used.fetch_sub(n, Ordering::Relaxed);
+            }
+        }
+    }
 }
 
 /// The largest cost admissible right now in `lane` (racy: a snapshot).
@@ -376,6 +493,9 @@ fn untake_tenant(region: &sluice_shm_layout::layout::Region, t: &TenantTaken) {
 
 /// Give back what the checks took (a later check refused).
 pub(crate) fn give_back(ctx: &Ctx<'_>, taken: &Taken) {
+    if let Some(f) = &taken.fleet {
+        untake_fleet(ctx, f);
+    }
     if let Some(t) = &taken.tenant {
         untake_tenant(ctx.attached.map.region(), t);
     }

@@ -154,9 +154,50 @@ impl<'c> ClassHandle<'c> {
         req: &Request<'_>,
         max_wait: Duration,
     ) -> Result<Outcome<'_>, AcquireError> {
-        match self.enqueue(req, max_wait)? {
+        match self.enqueue_across_leases(req, max_wait)? {
             Enqueued::Done(o) => Ok(o),
             Enqueued::Queued(t) => Ok(t.wait()),
+        }
+    }
+
+    /// [`ClassHandle::enqueue`], but a `fleet` refusal whose retry-after
+    /// (the next lease, or the fallback bucket's refill) falls within
+    /// `max_wait` (capped by the class's `max_wait`) sleeps until then and
+    /// asks again, instead of returning. No ticket waits for a lease: the
+    /// caller's thread does.
+    pub fn enqueue_across_leases(
+        &self,
+        req: &Request<'_>,
+        max_wait: Duration,
+    ) -> Result<Enqueued<'_>, AcquireError> {
+        let mut wait = max_wait;
+        if let Some(rec) = self
+            .client
+            .attached
+            .as_ref()
+            .and_then(|a| self.record(a).ok())
+        {
+            // Relaxed: a config value.
+            let cap = rec.max_wait_ns.load(Ordering::Relaxed);
+            if cap > 0 {
+                wait = wait.min(Duration::from_nanos(cap));
+            }
+        }
+        let deadline = std::time::Instant::now() + wait;
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match self.enqueue(req, left)? {
+                Enqueued::Done(Outcome::Refused(no)) if no.reason == Reason::Fleet => {
+                    let until = no.retry_after.map(|d| std::time::Instant::now() + d);
+                    match until {
+                        Some(t) if !left.is_zero() && t <= deadline => std::thread::sleep(
+                            t.saturating_duration_since(std::time::Instant::now()),
+                        ),
+                        _ => return Ok(Enqueued::Done(Outcome::Refused(no))),
+                    }
+                }
+                other => return Ok(other),
+            }
         }
     }
 

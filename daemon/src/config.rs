@@ -163,6 +163,11 @@ const DEFAULT_MODE: u32 = 0o660;
 /// How long a draining daemon waits by default.
 const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// `fleet.lease_interval` by default.
+const DEFAULT_LEASE_INTERVAL: Duration = Duration::from_millis(100);
+/// The shortest `fleet.lease_interval`.
+const MIN_LEASE_INTERVAL: Duration = Duration::from_millis(5);
+
 /// How long a tenant key may sit unused before it may be evicted, by default.
 const DEFAULT_IDLE_AFTER: Duration = Duration::from_secs(86_400);
 
@@ -179,6 +184,71 @@ pub struct Config {
     pub dependencies: Vec<DependencyConfig>,
     /// The `[tenants]` table, if the file has one.
     pub tenants: Option<TenantsConfig>,
+    /// The `[fleet]` table, if the file has one.
+    pub fleet: Option<FleetConfig>,
+}
+
+/// The `[fleet]` table: where the fleet-wide buckets live and how this host
+/// leases from them (see FLEET.md).
+#[derive(Debug, Clone, PartialEq)]
+pub struct FleetConfig {
+    /// The store: `redis://`, `rediss://` (TLS) or `redis+unix://` URL.
+    pub store: String,
+    /// Prefix of every key, so deployments can share a store.
+    pub namespace: String,
+    /// A file holding the store's password (first line), if it needs one.
+    pub password_file: Option<PathBuf>,
+    /// How often the daemon leases; a lease lives for two intervals.
+    pub lease_interval: Duration,
+    /// Connect timeout; default half the lease interval.
+    pub connect_timeout: Duration,
+    /// Response timeout; default half the lease interval.
+    pub response_timeout: Duration,
+    /// What clients do once the lease has expired.
+    pub on_store_down: StoreDown,
+    /// This host's name in the store; default the hostname and the region
+    /// path, so several daemons on one machine are distinct hosts.
+    pub host_id: Option<String>,
+}
+
+/// `fleet.on_store_down`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreDown {
+    /// Spend the class's fallback bucket.
+    Fallback,
+    /// Admit (host limits still apply).
+    Open,
+    /// Refuse with reason `fleet`.
+    Refuse,
+}
+
+/// `fleet_fallback_rate`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum FallbackRate {
+    /// Tokens per second.
+    Rate(f64),
+    /// `fleet_rate` divided by the active hosts last seen.
+    Auto,
+}
+
+/// A class's `fleet_*` keys.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClassFleet {
+    /// Fleet-wide tokens per second.
+    pub rate: f64,
+    /// Fleet-wide burst, in tokens.
+    pub burst: u64,
+    /// This host's weight in the fair share.
+    pub weight: u32,
+    /// The fallback bucket's rate.
+    pub fallback_rate: FallbackRate,
+    /// The fallback bucket's burst.
+    pub fallback_burst: u64,
+    /// The most credit one lease holds; also the largest cost.
+    pub max_lease: u64,
+    /// False: shadow mode, count would-be refusals and refuse nothing.
+    pub enforce: bool,
 }
 
 /// The `[daemon]` table.
@@ -261,6 +331,8 @@ pub struct ClassConfig {
     pub lanes: Lanes,
     /// Whether requests must carry a tenant key.
     pub tenants: bool,
+    /// The fleet-wide limit, if `fleet_rate` is set.
+    pub fleet: Option<ClassFleet>,
 }
 
 /// What a request that is willing to wait does when a class cannot serve it
@@ -368,6 +440,20 @@ struct RawConfig {
     classes: Option<Entries<RawClass>>,
     dependencies: Option<Entries<RawDependency>>,
     tenants: Option<RawTenants>,
+    fleet: Option<RawFleet>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFleet {
+    store: Option<Spanned<String>>,
+    namespace: Option<Spanned<String>>,
+    password_file: Option<Spanned<String>>,
+    lease_interval: Option<Spanned<String>>,
+    connect_timeout: Option<Spanned<String>>,
+    response_timeout: Option<Spanned<String>>,
+    on_store_down: Option<StoreDown>,
+    host_id: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -415,6 +501,13 @@ struct RawClass {
     on_paused: Option<QueuePolicy>,
     lanes: Option<RawLanes>,
     tenants: Option<Spanned<bool>>,
+    fleet_rate: Option<Spanned<f64>>,
+    fleet_burst: Option<Spanned<i64>>,
+    fleet_weight: Option<Spanned<i64>>,
+    fleet_fallback_rate: Option<Spanned<toml::Value>>,
+    fleet_fallback_burst: Option<Spanned<i64>>,
+    fleet_max_lease: Option<Spanned<i64>>,
+    fleet_enforce: Option<Spanned<bool>>,
 }
 
 #[derive(Deserialize)]
@@ -677,6 +770,7 @@ impl<'a> Checker<'a> {
             dependencies.push(self.dependency(name, dep)?);
         }
         let tenants = raw.tenants.map(|t| self.tenants(t)).transpose()?;
+        let fleet = raw.fleet.map(|f| self.fleet(f)).transpose()?;
 
         let raw_classes = raw.classes.map(|e| e.0).unwrap_or_default();
         let class_count = raw_classes.len();
@@ -707,7 +801,13 @@ impl<'a> Checker<'a> {
                 .queue_depth
                 .as_ref()
                 .map_or_else(|| name.span(), Spanned::span);
-            let checked = self.class(name, class, &dependencies, tenants.is_some())?;
+            let checked = self.class(
+                name,
+                class,
+                &dependencies,
+                tenants.is_some(),
+                fleet.is_some(),
+            )?;
 
             // Every class reserves ticket records for its queues; point at
             // the class that first overflows the ticket table.
@@ -755,7 +855,182 @@ impl<'a> Checker<'a> {
             classes,
             dependencies,
             tenants,
+            fleet,
         })
+    }
+
+    fn fleet(&self, raw: RawFleet) -> Result<FleetConfig, ConfigError> {
+        let Some(store) = raw.store else {
+            return Err(self.at(
+                0..0,
+                "[fleet] needs store = \"redis://host:port\" (or rediss://, redis+unix://); \
+                 add it or remove the [fleet] table"
+                    .to_string(),
+            ));
+        };
+        let url = store.get_ref();
+        let scheme_ok = ["redis://", "rediss://", "redis+unix://"]
+            .iter()
+            .any(|p| url.starts_with(p) && url.len() > p.len());
+        if !scheme_ok {
+            return Err(self.at(
+                store.span(),
+                format!(
+                    "fleet.store = \"{url}\" is not a store URL; write redis://host:port, \
+                     rediss://host:port (TLS) or redis+unix:///path/to/socket"
+                ),
+            ));
+        }
+        let namespace = match &raw.namespace {
+            Some(n) => {
+                self.name(n, "fleet namespace")?;
+                n.get_ref().clone()
+            }
+            None => "default".to_string(),
+        };
+        if let Some(h) = &raw.host_id {
+            self.name(h, "fleet host_id")?;
+        }
+        let password_file = raw
+            .password_file
+            .as_ref()
+            .map(|p| self.path(p, "fleet.password_file"))
+            .transpose()?;
+        let lease_interval = match &raw.lease_interval {
+            Some(d) => self.positive_duration(
+                d,
+                "fleet.lease_interval",
+                "the daemon leases once per interval",
+            )?,
+            None => DEFAULT_LEASE_INTERVAL,
+        };
+        if lease_interval < MIN_LEASE_INTERVAL {
+            let span = raw.lease_interval.as_ref().map_or(0..0, Spanned::span);
+            return Err(self.at(
+                span,
+                format!(
+                    "fleet.lease_interval = {lease_interval:?} is below the minimum \
+                     {MIN_LEASE_INTERVAL:?}; raise it"
+                ),
+            ));
+        }
+        let timeout = |raw: &Option<Spanned<String>>, key: &str| match raw {
+            Some(d) => self.positive_duration(d, key, "a request to the store needs time"),
+            None => Ok(lease_interval / 2),
+        };
+        let connect_timeout = timeout(&raw.connect_timeout, "fleet.connect_timeout")?;
+        let response_timeout = timeout(&raw.response_timeout, "fleet.response_timeout")?;
+        Ok(FleetConfig {
+            store: url.clone(),
+            namespace,
+            password_file,
+            lease_interval,
+            connect_timeout,
+            response_timeout,
+            on_store_down: raw.on_store_down.unwrap_or(StoreDown::Fallback),
+            host_id: raw.host_id.map(Spanned::into_inner),
+        })
+    }
+
+    /// A class's `fleet_*` keys; `None` without `fleet_rate`.
+    fn class_fleet(
+        &self,
+        name: &str,
+        raw: &RawClass,
+        have_fleet: bool,
+    ) -> Result<Option<ClassFleet>, ConfigError> {
+        let key = |field: &str| format!("classes.{name}.{field}");
+        let Some(rate_raw) = &raw.fleet_rate else {
+            // Any other fleet_ key without fleet_rate is a mistake.
+            let stray = [
+                ("fleet_burst", raw.fleet_burst.as_ref().map(Spanned::span)),
+                ("fleet_weight", raw.fleet_weight.as_ref().map(Spanned::span)),
+                (
+                    "fleet_fallback_rate",
+                    raw.fleet_fallback_rate.as_ref().map(Spanned::span),
+                ),
+                (
+                    "fleet_fallback_burst",
+                    raw.fleet_fallback_burst.as_ref().map(Spanned::span),
+                ),
+                (
+                    "fleet_max_lease",
+                    raw.fleet_max_lease.as_ref().map(Spanned::span),
+                ),
+                (
+                    "fleet_enforce",
+                    raw.fleet_enforce.as_ref().map(Spanned::span),
+                ),
+            ];
+            if let Some((k, Some(span))) = stray.into_iter().find(|(_, s)| s.is_some()) {
+                return Err(self.at(
+                    span,
+                    format!("classes.{name}.{k} needs fleet_rate; set fleet_rate or remove {k}"),
+                ));
+            }
+            return Ok(None);
+        };
+        if !have_fleet {
+            return Err(self.at(
+                rate_raw.span(),
+                format!(
+                    "classes.{name}.fleet_rate needs a [fleet] table naming the store; add one \
+                     or remove fleet_rate"
+                ),
+            ));
+        }
+        let rate = self.rate(rate_raw, &key("fleet_rate"))?;
+        let burst = match &raw.fleet_burst {
+            Some(b) => self.int_in(b, &key("fleet_burst"), 1, limits::MAX_BURST)?,
+            None => (rate.ceil() as u64).clamp(1, limits::MAX_BURST),
+        };
+        let weight = match &raw.fleet_weight {
+            Some(w) => self.u32_in(w, &key("fleet_weight"), 1, 1_000_000)?,
+            None => 1,
+        };
+        let fallback_rate = match &raw.fleet_fallback_rate {
+            None => FallbackRate::Auto,
+            Some(v) => match v.get_ref() {
+                toml::Value::String(s) if s == "auto" => FallbackRate::Auto,
+                toml::Value::Float(_) | toml::Value::Integer(_) => {
+                    let f = match v.get_ref() {
+                        toml::Value::Integer(i) => *i as f64,
+                        other => other.as_float().unwrap_or(0.0),
+                    };
+                    let spanned = Spanned::new(v.span(), f);
+                    FallbackRate::Rate(self.rate(&spanned, &key("fleet_fallback_rate"))?)
+                }
+                other => {
+                    return Err(self.at(
+                        v.span(),
+                        format!(
+                            "classes.{name}.fleet_fallback_rate = {other} is neither a rate nor \
+                             \"auto\"; write a number of tokens per second or \"auto\""
+                        ),
+                    ))
+                }
+            },
+        };
+        let fallback_burst = match &raw.fleet_fallback_burst {
+            Some(b) => self.int_in(b, &key("fleet_fallback_burst"), 1, limits::MAX_BURST)?,
+            None => 1,
+        };
+        let max_lease = match &raw.fleet_max_lease {
+            Some(m) => self.int_in(m, &key("fleet_max_lease"), 1, burst)?,
+            None => (burst / 2).max(1),
+        };
+        Ok(Some(ClassFleet {
+            rate,
+            burst,
+            weight,
+            fallback_rate,
+            fallback_burst,
+            max_lease,
+            enforce: !matches!(
+                raw.fleet_enforce.as_ref().map(|e| *e.get_ref()),
+                Some(false)
+            ),
+        }))
     }
 
     fn daemon(&self, raw: RawDaemon) -> Result<DaemonConfig, ConfigError> {
@@ -883,9 +1158,11 @@ impl<'a> Checker<'a> {
         raw: RawClass,
         dependencies: &[DependencyConfig],
         have_tenants: bool,
+        have_fleet: bool,
     ) -> Result<ClassConfig, ConfigError> {
         self.name(&name, "class")?;
         let name = name.into_inner();
+        let fleet = self.class_fleet(&name, &raw, have_fleet)?;
         let key = |field: &str| format!("classes.{name}.{field}");
 
         // The rate bucket.
@@ -1036,6 +1313,7 @@ impl<'a> Checker<'a> {
             on_paused: raw.on_paused.unwrap_or(QueuePolicy::Refuse),
             lanes,
             tenants,
+            fleet,
         })
     }
 
@@ -1646,6 +1924,7 @@ acme = "paid"
                 maintenance: 1.0,
             },
             tenants: false,
+            fleet: None,
         };
         assert_eq!(config.classes, vec![expected]);
     }
@@ -2346,6 +2625,110 @@ acme = "paid"
         );
         let e = error(&format!("{head}burst = 1\n"));
         assert!(e.message.contains("rate"), "{e}");
+    }
+
+    // Fleet.
+
+    const FLEET: &str = "[fleet]\nstore = \"redis+unix:///tmp/r.sock\"\n";
+
+    #[test]
+    fn fleet_defaults() {
+        let config = parse(&format!("{FLEET}[classes.api]\nfleet_rate = 100\n"));
+        let f = config.fleet.clone().expect("the file has a [fleet] table");
+        assert_eq!(f.namespace, "default");
+        assert_eq!(f.lease_interval, Duration::from_millis(100));
+        assert_eq!(f.connect_timeout, Duration::from_millis(50));
+        assert_eq!(f.response_timeout, Duration::from_millis(50));
+        assert_eq!(f.on_store_down, StoreDown::Fallback);
+        let c = class(&config, "api")
+            .fleet
+            .clone()
+            .expect("fleet_rate is set");
+        assert_eq!(
+            c,
+            ClassFleet {
+                rate: 100.0,
+                burst: 100,
+                weight: 1,
+                fallback_rate: FallbackRate::Auto,
+                fallback_burst: 1,
+                max_lease: 50,
+                enforce: true,
+            }
+        );
+    }
+
+    #[test]
+    fn fleet_keys_parse() {
+        let config = parse(
+            "[fleet]\nstore = \"rediss://r:6380\"\nnamespace = \"prod\"\n\
+             lease_interval = \"200ms\"\nresponse_timeout = \"20ms\"\n\
+             on_store_down = \"refuse\"\n\
+             [classes.api]\nfleet_rate = 10\nfleet_burst = 8\nfleet_weight = 3\n\
+             fleet_fallback_rate = 2.5\nfleet_fallback_burst = 2\nfleet_max_lease = 8\n\
+             fleet_enforce = false\n",
+        );
+        let f = config.fleet.clone().expect("the file has a [fleet] table");
+        assert_eq!(f.connect_timeout, Duration::from_millis(100));
+        assert_eq!(f.response_timeout, Duration::from_millis(20));
+        assert_eq!(f.on_store_down, StoreDown::Refuse);
+        let c = class(&config, "api")
+            .fleet
+            .clone()
+            .expect("fleet_rate is set");
+        assert_eq!(c.fallback_rate, FallbackRate::Rate(2.5));
+        assert_eq!(
+            (c.burst, c.weight, c.fallback_burst, c.max_lease),
+            (8, 3, 2, 8)
+        );
+        assert!(!c.enforce);
+    }
+
+    #[test]
+    fn bad_fleet_values() {
+        assert_error(
+            "[fleet]\nstore = \"http://x\"\n",
+            &["fleet.store", "redis://"],
+            2,
+            9,
+        );
+        assert_error(
+            "[fleet]\nstore = \"redis://x\"\nlease_interval = \"1ms\"\n",
+            &["lease_interval", "minimum"],
+            3,
+            18,
+        );
+        assert_error(
+            "[fleet]\nstore = \"redis://x\"\non_store_down = \"maybe\"\n",
+            &["maybe"],
+            3,
+            17,
+        );
+        assert_error(
+            "[classes.c]\nfleet_rate = 5\n",
+            &["classes.c.fleet_rate", "[fleet]"],
+            2,
+            14,
+        );
+        assert_class_error("fleet_burst = 5", &["fleet_burst needs fleet_rate"]);
+        assert_error(
+            &format!("{FLEET}[classes.c]\nfleet_rate = 5\nfleet_fallback_rate = \"half\"\n"),
+            &["fleet_fallback_rate", "auto"],
+            5,
+            23,
+        );
+        assert_error(
+            &format!("{FLEET}[classes.c]\nfleet_rate = 5\nfleet_burst = 4\nfleet_max_lease = 9\n"),
+            &["classes.c.fleet_max_lease = 9", "maximum 4"],
+            6,
+            19,
+        );
+        assert_error(
+            &format!("{FLEET}[classes.c]\nfleet_rate = 5\nfleet_weight = 0\n"),
+            &["fleet_weight = 0"],
+            5,
+            16,
+        );
     }
 
     // Shape and syntax errors.

@@ -134,12 +134,25 @@ pub fn run(mut config: Config, opts: Options) -> Result<(), DaemonError> {
         }
     })?;
     let pid = std::process::id();
+    // The config in force, for the leasing thread and `sluice fleet`.
+    let shared_config = std::sync::Arc::new(std::sync::Mutex::new(config.clone()));
+    let config_for_control = std::sync::Arc::clone(&shared_config);
     let shared = std::sync::Arc::clone(&current);
     std::thread::Builder::new()
         .name("control".into())
         .spawn(move || {
             crate::control::serve(listener, move |req, peer| {
                 let owned = shared.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                if req.get("cmd").and_then(|c| c.as_str()) == Some("fleet") {
+                    let cfg = config_for_control
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .clone();
+                    return match crate::fleet::store_view(&cfg) {
+                        Ok(view) => json!({"ok": true, "fleet": view}),
+                        Err(e) => json!({"ok": false, "error": e}),
+                    };
+                }
                 answer(&owned, req, peer, pid)
             })
         })
@@ -181,6 +194,17 @@ pub fn run(mut config: Config, opts: Options) -> Result<(), DaemonError> {
         sd_notify::NotifyState::Ready,
         sd_notify::NotifyState::Status(&status),
     ]);
+    // The leasing thread: idle without a [fleet] table; it follows reloads
+    // through `shared_config` and returns the credit when `stop_leasing`.
+    let stop_leasing = std::sync::Arc::new(AtomicBool::new(false));
+    let leasing = crate::fleet::spawn(
+        std::sync::Arc::clone(&current),
+        std::sync::Arc::clone(&shared_config),
+        std::sync::Arc::clone(&stop_leasing),
+    )
+    .map_err(|e| tracing::error!(error = %e, "cannot start the fleet leasing thread; fleet classes run on their fallback"))
+    .ok();
+
     let mut watchdog_usec = 0u64;
     let watchdog = sd_notify::watchdog_enabled(false, &mut watchdog_usec);
     let mut last_ping = Instant::now();
@@ -247,6 +271,7 @@ pub fn run(mut config: Config, opts: Options) -> Result<(), DaemonError> {
 
         if RELOAD.swap(false, StdOrdering::SeqCst) {
             config = reload(&owned, config, opts.config_path.as_deref());
+            *shared_config.lock().unwrap_or_else(|e| e.into_inner()) = config.clone();
         }
         if TERMINATE.load(StdOrdering::SeqCst) && drain_deadline.is_none() {
             // Relaxed: clients read the flag advisorily (see client).
@@ -278,6 +303,11 @@ pub fn run(mut config: Config, opts: Options) -> Result<(), DaemonError> {
         for r in watcher.wait(region, 50, wake.as_ref()) {
             log_retired(&r);
         }
+    }
+    // Leases end with the daemon: the thread returns the unspent credit once.
+    stop_leasing.store(true, StdOrdering::SeqCst);
+    if let Some(t) = leasing {
+        let _ = t.join();
     }
     // The region outlives us and clients keep using it: never leave it
     // refusing `shutting_down` while no daemon runs.
@@ -362,7 +392,7 @@ fn answer(
         }
         Some(other) => json!({
             "ok": false,
-            "error": format!("unknown command {other:?}: this sluiced knows ping, cancel, pause, resume, trip and heal")
+            "error": format!("unknown command {other:?}: this sluiced knows ping, cancel, pause, resume, trip, heal and fleet")
         }),
         None => json!({"ok": false, "error": "request has no \"cmd\""}),
     }

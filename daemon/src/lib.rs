@@ -5,6 +5,7 @@ pub mod cli;
 pub mod config;
 pub mod control;
 pub mod daemon;
+pub mod fleet;
 pub mod maintain;
 pub mod metrics;
 pub mod reclaim;

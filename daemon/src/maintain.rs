@@ -34,18 +34,23 @@ pub struct RateSampler {
 
 /// Sum of a class's `admitted` counter: totals plus every live block.
 pub fn admitted(region: &Region, class_idx: u32) -> u64 {
+    count(region, class_idx, counters::ADMITTED)
+}
+
+/// Sum of one counter of a class: totals plus every live block.
+pub fn count(region: &Region, class_idx: u32, counter: usize) -> u64 {
     let Some(rec) = region.class(class_idx) else {
         return 0;
     };
     // Relaxed: counter snapshots.
-    let mut sum = rec.totals.counts[counters::ADMITTED].load(Ordering::Relaxed);
+    let mut sum = rec.totals.counts[counter].load(Ordering::Relaxed);
     for c in 0..region.geometry().caps.clients {
         let live = region.client(c).is_some_and(|r| {
             ClientState::decode(r.state.load(Ordering::Relaxed)).state != CLIENT_FREE
         });
         if live {
             if let Some(b) = region.counters(c, class_idx) {
-                sum = sum.wrapping_add(b.counts[counters::ADMITTED].load(Ordering::Relaxed));
+                sum = sum.wrapping_add(b.counts[counter].load(Ordering::Relaxed));
             }
         }
     }

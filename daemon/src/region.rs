@@ -23,14 +23,14 @@ use sluice_shm_layout::layout::{
     HEADER_SIZE,
 };
 use sluice_shm_layout::layout::{
-    CLASS_HAS_DEPS, CLASS_ON_DEP_QUEUE, CLASS_ON_PAUSED_QUEUE, CLASS_OVERCOMMIT, CLASS_PAUSED,
-    CLASS_RETRY_BUDGET, CLASS_TENANTS, DEPS, TENANTS_ON_FULL_SHARED, TIERS,
+    CLASS_FLEET, CLASS_HAS_DEPS, CLASS_ON_DEP_QUEUE, CLASS_ON_PAUSED_QUEUE, CLASS_OVERCOMMIT,
+    CLASS_PAUSED, CLASS_RETRY_BUDGET, CLASS_TENANTS, DEPS, TENANTS_ON_FULL_SHARED, TIERS,
 };
 use sluice_shm_layout::queue::{TicketWord, T_FREE};
 use sluice_shm_layout::sync::Ordering;
 use sluice_shm_layout::{breaker, retry, slots};
 
-use crate::config::{ClassConfig, Config, QueuePolicy};
+use crate::config::{ClassConfig, Config, FallbackRate, FleetConfig, QueuePolicy, StoreDown};
 
 /// Why the daemon could not set up its region.
 #[derive(Debug, thiserror::Error)]
@@ -496,7 +496,7 @@ pub fn apply_classes(region: &Region, config: &Config, now_ns: u64) -> Result<()
                             .store(new.carry_over(&old, tat, now_units), Ordering::Relaxed);
                     }
                 }
-                write_limits(rec, class, rate, &deps);
+                write_limits(rec, class, rate, &deps, config.fleet.as_ref());
             }
             None => {
                 let want = class.max_in_flight.unwrap_or(0) as u32;
@@ -548,13 +548,30 @@ pub fn apply_classes(region: &Region, config: &Config, now_ns: u64) -> Result<()
                     c.store(0, Ordering::Relaxed);
                 }
                 rec.tat.value.store(0, Ordering::Relaxed);
+                for w in [
+                    &rec.fleet_credit,
+                    &rec.fleet_lease_until_ns,
+                    &rec.fleet_next_lease_ns,
+                    &rec.fleet_fallback_tat,
+                    &rec.fleet_fallback_used,
+                    &rec.fleet_shadow_refused,
+                    &rec.fleet_leased,
+                    &rec.fleet_returned,
+                    &rec.fleet_expired,
+                    &rec.fleet_rtt_us,
+                    &rec.fleet_outages,
+                    &rec.fleet_status,
+                    &rec.fleet_seen_tat,
+                ] {
+                    w.store(0, Ordering::Relaxed);
+                }
                 rec.set_name(&class.name);
                 rec.flags.store(0, Ordering::Relaxed);
                 rec.retry_tokens.store(
                     class.retry_burst.unwrap_or(0).saturating_mul(retry::UNIT),
                     Ordering::Relaxed,
                 );
-                write_limits(rec, class, rate, &deps);
+                write_limits(rec, class, rate, &deps, config.fleet.as_ref());
                 rec.generation.fetch_add(1, Ordering::Relaxed);
                 // Release pairs with the Acquire load of `state` in a client's
                 // lookup: name, limits and generation are visible with it.
@@ -570,6 +587,7 @@ fn write_limits(
     class: &ClassConfig,
     rate: Option<RateParams>,
     deps: &std::collections::HashMap<String, u32>,
+    fleet: Option<&FleetConfig>,
 ) {
     // Policy bits; the pause bit is runtime state and survives a reload.
     // Lowering the limit may leave permits held above it: counted until the
@@ -583,6 +601,10 @@ fn write_limits(
         0
     };
     let mut bits = 0;
+    if let (Some(f), Some(c)) = (fleet, &class.fleet) {
+        bits |= CLASS_FLEET;
+        write_fleet(rec, f, c, 1);
+    }
     if class.on_paused == QueuePolicy::Queue {
         bits |= CLASS_ON_PAUSED_QUEUE;
     }
@@ -1006,4 +1028,45 @@ pub fn truncated(owned: &OwnedRegion) -> bool {
 /// as zeros), so that nobody faults on it. What was cut off is lost.
 pub fn regrow(owned: &OwnedRegion) -> io::Result<()> {
     owned.map().file().set_len(owned.region().geometry().size)
+}
+
+/// Write a fleet class's config words. `hosts` divides `fleet_rate` for
+/// `fleet_fallback_rate = "auto"` (the leasing thread rewrites it as the
+/// store reports hosts).
+pub fn write_fleet(
+    rec: &ClassRecord,
+    fleet: &FleetConfig,
+    class: &crate::config::ClassFleet,
+    hosts: u32,
+) {
+    let mode = match fleet.on_store_down {
+        StoreDown::Fallback => sluice_shm_layout::fleet::STORE_DOWN_FALLBACK,
+        StoreDown::Open => sluice_shm_layout::fleet::STORE_DOWN_OPEN,
+        StoreDown::Refuse => sluice_shm_layout::fleet::STORE_DOWN_REFUSE,
+    };
+    let shadow = if class.enforce {
+        0
+    } else {
+        sluice_shm_layout::fleet::CFG_SHADOW
+    };
+    let rate = match class.fallback_rate {
+        FallbackRate::Rate(r) => r,
+        FallbackRate::Auto => class.rate / f64::from(hosts.max(1)),
+    };
+    let t = RateParams::new(rate, class.fallback_burst, 0)
+        .map(|p| p.t)
+        .unwrap_or(0);
+    // Relaxed: config values; clients read them after the Acquire load of
+    // the class generation (a fresh class) or as plain hints (a reload),
+    // each combination safe.
+    rec.fleet_cfg.store(mode | shadow, Ordering::Relaxed);
+    rec.fleet_fallback_t.store(t, Ordering::Relaxed);
+    rec.fleet_fallback_burst
+        .store(class.fallback_burst, Ordering::Relaxed);
+    rec.fleet_interval_ns.store(
+        u64::try_from(fleet.lease_interval.as_nanos()).unwrap_or(u64::MAX),
+        Ordering::Relaxed,
+    );
+    rec.fleet_max_lease
+        .store(class.max_lease, Ordering::Relaxed);
 }

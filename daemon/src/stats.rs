@@ -90,6 +90,68 @@ pub struct ClassStats {
     pub retry_budget: Option<f64>,
     /// Dependencies it waits on.
     pub depends_on: Vec<String>,
+    /// The fleet lease, absent for a class without `fleet_rate`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fleet: Option<FleetStats>,
+}
+
+/// A fleet class's lease, as the daemon and its clients left it.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct FleetStats {
+    /// Tokens leased from the store, in total.
+    pub leased: u64,
+    /// Leased tokens spent by clients.
+    pub used: u64,
+    /// Unspent tokens handed back (at each renewal, removal, shutdown).
+    pub returned: u64,
+    /// Tokens voided because their lease expired.
+    pub expired: u64,
+    /// Credit left in the current lease.
+    pub credit: u64,
+    /// The lease has expired: clients spend the fallback (or follow
+    /// `on_store_down`).
+    pub on_fallback: bool,
+    /// Tokens spent on the fallback bucket, in total.
+    pub fallback_used: u64,
+    /// Would-be refusals in shadow mode.
+    pub shadow_refused: u64,
+    /// Last lease round trip, µs.
+    pub lease_rtt_us: u64,
+    /// Store outages seen.
+    pub outages: u64,
+    /// Active hosts the store last reported.
+    pub hosts: u64,
+    /// The store holds a rate or burst other than this host's.
+    pub config_mismatch: bool,
+}
+
+impl FleetStats {
+    /// Read a class's fleet words (racy snapshots: each word is exact, the
+    /// set may straddle a lease).
+    pub fn of(rec: &ClassRecord, now_ns: u64) -> FleetStats {
+        use sluice_shm_layout::fleet;
+        // Relaxed throughout: statistics.
+        let load = |w: &sluice_shm_layout::sync::AtomicU64| w.load(Ordering::Relaxed);
+        let leased = load(&rec.fleet_leased);
+        let returned = load(&rec.fleet_returned);
+        let expired = load(&rec.fleet_expired);
+        let credit = fleet::tokens(load(&rec.fleet_credit));
+        let status = load(&rec.fleet_status);
+        FleetStats {
+            leased,
+            used: leased.saturating_sub(returned + expired + credit),
+            returned,
+            expired,
+            credit,
+            on_fallback: !fleet::lease_valid(&rec.fleet_lease_until_ns, now_ns),
+            fallback_used: load(&rec.fleet_fallback_used),
+            shadow_refused: load(&rec.fleet_shadow_refused),
+            lease_rtt_us: load(&rec.fleet_rtt_us),
+            outages: load(&rec.fleet_outages),
+            hosts: status & 0xffff_ffff,
+            config_mismatch: status & fleet::STATUS_MISMATCH != 0,
+        }
+    }
 }
 
 /// One dependency's circuit breaker.
@@ -312,6 +374,8 @@ impl Snapshot {
                 paused: flags & sluice_shm_layout::layout::CLASS_PAUSED != 0,
                 retry_budget,
                 depends_on,
+                fleet: (flags & sluice_shm_layout::layout::CLASS_FLEET != 0)
+                    .then(|| FleetStats::of(rec, now)),
             });
         }
         let dependencies = (0..sluice_shm_layout::layout::DEPS)

@@ -31,11 +31,15 @@ pub enum Reason {
     QueueFull = 6,
     /// The daemon is draining.
     ShuttingDown = 7,
+    /// The host's fleet lease has no credit left (or the store is down and
+    /// `on_store_down` refuses or the fallback bucket is empty). Its counter
+    /// is [`REFUSED_FLEET`], outside the range of the first eight.
+    Fleet = 8,
 }
 
 impl Reason {
     /// Every reason, in counter order.
-    pub const ALL: [Reason; 8] = [
+    pub const ALL: [Reason; 9] = [
         Reason::NotNow,
         Reason::SmallerScope,
         Reason::Quota,
@@ -44,6 +48,7 @@ impl Reason {
         Reason::RetryBudget,
         Reason::QueueFull,
         Reason::ShuttingDown,
+        Reason::Fleet,
     ];
 
     /// The name used in stats, JSON and messages.
@@ -57,12 +62,18 @@ impl Reason {
             Reason::RetryBudget => "retry_budget",
             Reason::QueueFull => "queue_full",
             Reason::ShuttingDown => "shutting_down",
+            Reason::Fleet => "fleet",
         }
     }
 
     /// The counter index of this reason.
     pub fn counter(self) -> usize {
-        REFUSED_BASE + self as usize
+        match self {
+            // Counters 11.. were taken before this reason came; it has its
+            // own index rather than a renumbering.
+            Reason::Fleet => REFUSED_FLEET,
+            _ => REFUSED_BASE + self as usize,
+        }
     }
 }
 
@@ -96,6 +107,8 @@ pub const OUTCOME_PARTIAL: usize = 16;
 pub const OUTCOME_FAILED: usize = 17;
 /// Releases reporting the work stopped on a cancel request.
 pub const OUTCOME_CANCELLED: usize = 18;
+/// Requests refused with [`Reason::Fleet`].
+pub const REFUSED_FLEET: usize = 19;
 /// Number of counters in a block.
 pub const COUNT: usize = 32;
 

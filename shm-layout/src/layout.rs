@@ -101,6 +101,9 @@ pub const CLASS_TENANTS: u32 = 8;
 pub const CLASS_RETRY_BUDGET: u32 = 16;
 /// Class `flags` bit: the class lists dependencies.
 pub const CLASS_HAS_DEPS: u32 = 32;
+/// Class `flags` bit: the class has a fleet-wide limit; requests spend the
+/// lease in `fleet_credit` (see [`crate::fleet`]).
+pub const CLASS_FLEET: u32 = 64;
 /// Class `flags` bit: a reload lowered `max_in_flight` and permits may still
 /// be held above it; admission counts every held slot until the daemon sees
 /// none above the limit and clears the bit.
@@ -266,7 +269,22 @@ pub struct ClassRecord {
     pub retry_burst: AtomicU64,
     /// Dependencies (index + 1; 0 = none), up to four.
     pub deps: [AtomicU32; 4],
-    _reserved_cfg: [AtomicU64; 7],
+    /// Fleet policy, written by the daemon; see [`crate::fleet`] for the
+    /// bit layout (`on_store_down` in bits 0..2, shadow mode in bit 2).
+    pub fleet_cfg: AtomicU64,
+    /// Fallback bucket `T` in 1/64 ns (0: no fallback bucket); the daemon
+    /// rewrites it when `fleet_fallback_rate = "auto"` and the host count
+    /// changes.
+    pub fleet_fallback_t: AtomicU64,
+    /// Fallback bucket burst, in tokens.
+    pub fleet_fallback_burst: AtomicU64,
+    /// Lease interval, ns: the retry-after of a refusal when no lease is
+    /// planned.
+    pub fleet_interval_ns: AtomicU64,
+    /// `fleet_max_lease`: the most credit one lease holds, and the largest
+    /// cost a fleet class admits (a shape cap).
+    pub fleet_max_lease: AtomicU64,
+    _reserved_cfg: [AtomicU64; 2],
     /// The bucket's `tat`, alone on its line.
     pub tat: HotWord,
     /// Waiter count and futex word (reserved for the scheduling layout).
@@ -277,9 +295,43 @@ pub struct ClassRecord {
     pub enqueue_seq: HotWord,
     /// Waits of tickets granted from the queue, log-linear µs buckets.
     pub wait_hist: [AtomicU64; WAIT_HIST_BUCKETS],
-    /// Retry budget left, in millionths of a unit; alone on its line.
+    /// Retry budget left, in millionths of a unit. It shares its line only
+    /// with the fleet words below; a class rarely has both.
     pub retry_tokens: AtomicU64,
-    _reserved_tail: [AtomicU64; 15],
+    /// Fleet credit: epoch in bits 48..64, tokens in bits 0..48 (see
+    /// [`crate::fleet`]). Clients take and give back by CAS; the daemon tops
+    /// up and drains.
+    pub fleet_credit: AtomicU64,
+    /// CLOCK_MONOTONIC ns until which the credit may be spent; 0: no lease
+    /// yet. Written by the daemon with Release after a top-up.
+    pub fleet_lease_until_ns: AtomicU64,
+    /// CLOCK_MONOTONIC ns of the daemon's next planned lease: the
+    /// retry-after of a `fleet` refusal.
+    pub fleet_next_lease_ns: AtomicU64,
+    /// The fallback bucket's `tat`, spent while the lease has expired.
+    pub fleet_fallback_tat: AtomicU64,
+    /// Tokens spent on the fallback bucket, never reset; the daemon charges
+    /// the increase to the fleet bucket on reconnection.
+    pub fleet_fallback_used: AtomicU64,
+    /// Would-be refusals in shadow mode (`fleet_enforce = false`).
+    pub fleet_shadow_refused: AtomicU64,
+    /// Tokens leased from the store, in total (daemon-written, for stats).
+    pub fleet_leased: AtomicU64,
+    /// Tokens handed back to the store (daemon-written).
+    pub fleet_returned: AtomicU64,
+    /// Tokens voided because their lease expired unspent (daemon-written).
+    pub fleet_expired: AtomicU64,
+    /// Last lease round trip, µs (daemon-written).
+    pub fleet_rtt_us: AtomicU64,
+    /// Store outages seen (daemon-written).
+    pub fleet_outages: AtomicU64,
+    /// Status (daemon-written): active hosts in bits 0..32, on fallback in
+    /// bit 32, the store's config differs from ours in bit 33.
+    pub fleet_status: AtomicU64,
+    /// The highest fleet `tat` the store reported (µs of the store's
+    /// clock), kept here so a restarted daemon still sends it (daemon-only).
+    pub fleet_seen_tat: AtomicU64,
+    _reserved_tail: [AtomicU64; 2],
 }
 
 /// A dependency's circuit breaker (see [`crate::breaker`]).
@@ -372,6 +424,13 @@ const _: () = {
     assert!(std::mem::offset_of!(Header, off_tenants) == 272);
     assert!(std::mem::offset_of!(ClassRecord, retry_ratio_ppm) == 168);
     assert!(std::mem::offset_of!(ClassRecord, retry_tokens) == 1920);
+    assert!(std::mem::offset_of!(ClassRecord, fleet_cfg) == 200);
+    assert!(std::mem::offset_of!(ClassRecord, fleet_max_lease) == 232);
+    assert!(std::mem::offset_of!(ClassRecord, fleet_credit) == 1928);
+    assert!(std::mem::offset_of!(ClassRecord, fleet_lease_until_ns) == 1936);
+    assert!(std::mem::offset_of!(ClassRecord, fleet_fallback_tat) == 1952);
+    assert!(std::mem::offset_of!(ClassRecord, fleet_status) == 2016);
+    assert!(std::mem::offset_of!(ClassRecord, fleet_seen_tat) == 2024);
     assert!(std::mem::size_of::<DepRecord>() == DEP_SIZE);
     assert!(std::mem::size_of::<TierRecord>() == TIER_SIZE);
     assert!(std::mem::size_of::<crate::tenants::TenantRecord>() == TENANT_SIZE);

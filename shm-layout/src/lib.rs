@@ -13,12 +13,14 @@
 //! | [`admit`]    | the order of checks for one request              |
 //! | [`registry`] | client records and their lifecycle               |
 //! | [`counters`] | per-client counter blocks and folding            |
+//! | [`fleet`]    | fleet credit leased from the store, spent by CAS |
 //! | [`layout`]   | header, tables, offsets, attach validation       |
 
 pub mod admit;
 pub mod breaker;
 pub mod bucket;
 pub mod counters;
+pub mod fleet;
 pub mod layout;
 pub mod limits;
 pub mod queue;

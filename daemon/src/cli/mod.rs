@@ -3,6 +3,7 @@
 
 pub mod check_config;
 pub mod control_cmds;
+pub mod fleet;
 pub mod run;
 pub mod stats;
 pub mod tickets;
@@ -86,6 +87,9 @@ pub enum Command {
     /// Check a config file; prints a summary, or the error with its line and
     /// column (exit 78).
     CheckConfig(check_config::CheckArgs),
+    /// Show the fleet store's view through the daemon: per fleet class the
+    /// bucket's fill, the active hosts, each host's demand and share.
+    Fleet(fleet::FleetArgs),
 }
 
 /// Parse the command line and run; returns the process exit code.
@@ -115,6 +119,7 @@ pub fn main() -> i32 {
         Command::Trip(a) => control_cmds::trip(&region, cli.control_socket.as_deref(), &a, true),
         Command::Heal(a) => control_cmds::trip(&region, cli.control_socket.as_deref(), &a, false),
         Command::CheckConfig(a) => check_config::run(&a),
+        Command::Fleet(a) => fleet::run(&region, cli.control_socket.as_deref(), &a),
     }
 }
 

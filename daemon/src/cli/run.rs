@@ -123,7 +123,7 @@ pub fn run(region: &Path, args: RunArgs) -> i32 {
         None => req,
     };
     let wait = args.wait.unwrap_or(std::time::Duration::ZERO);
-    let outcome = match class.enqueue(&req, wait) {
+    let outcome = match class.enqueue_across_leases(&req, wait) {
         Ok(Enqueued::Done(o)) => o,
         Ok(Enqueued::Queued(ticket)) => {
             if let TicketState::Queued { position, eta } = ticket.state() {

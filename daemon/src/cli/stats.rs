@@ -8,7 +8,7 @@ use std::time::Duration;
 use clap::Args;
 
 use crate::exit;
-use crate::stats::Snapshot;
+use crate::stats::{FleetStats, Snapshot};
 
 /// Arguments of `stats`.
 #[derive(Args, Debug)]
@@ -391,6 +391,92 @@ pub fn prometheus(s: &Snapshot) -> String {
                 "sluice_refused_total{{class=\"{}\",reason=\"{reason}\"}} {n}",
                 label(&c.name)
             );
+        }
+    }
+    // The fleet lease of each fleet class: (metric, type, help, value).
+    type FleetMetric = (
+        &'static str,
+        &'static str,
+        &'static str,
+        fn(&FleetStats) -> u64,
+    );
+    let fleet_metrics: [FleetMetric; 12] = [
+        (
+            "leased_total",
+            "counter",
+            "Tokens leased from the fleet store.",
+            |f| f.leased,
+        ),
+        ("used_total", "counter", "Leased tokens spent.", |f| f.used),
+        (
+            "returned_total",
+            "counter",
+            "Unspent tokens handed back.",
+            |f| f.returned,
+        ),
+        (
+            "expired_total",
+            "counter",
+            "Tokens voided by an expired lease.",
+            |f| f.expired,
+        ),
+        (
+            "credit",
+            "gauge",
+            "Credit left in the current lease.",
+            |f| f.credit,
+        ),
+        (
+            "on_fallback",
+            "gauge",
+            "1 while the lease has expired.",
+            |f| u64::from(f.on_fallback),
+        ),
+        (
+            "fallback_used_total",
+            "counter",
+            "Tokens spent on the fallback bucket.",
+            |f| f.fallback_used,
+        ),
+        (
+            "shadow_refused_total",
+            "counter",
+            "Would-be refusals in shadow mode.",
+            |f| f.shadow_refused,
+        ),
+        (
+            "lease_rtt_us",
+            "gauge",
+            "Last lease round trip in microseconds.",
+            |f| f.lease_rtt_us,
+        ),
+        ("outages_total", "counter", "Fleet store outages.", |f| {
+            f.outages
+        }),
+        ("hosts", "gauge", "Active hosts the store reported.", |f| {
+            f.hosts
+        }),
+        (
+            "config_mismatch",
+            "gauge",
+            "1 when the store holds another rate or burst.",
+            |f| u64::from(f.config_mismatch),
+        ),
+    ];
+    if s.classes.iter().any(|c| c.fleet.is_some()) {
+        for (name, kind, help, get) in fleet_metrics {
+            let _ = writeln!(out, "# HELP sluice_fleet_{name} {help}");
+            let _ = writeln!(out, "# TYPE sluice_fleet_{name} {kind}");
+            for c in &s.classes {
+                if let Some(f) = &c.fleet {
+                    let _ = writeln!(
+                        out,
+                        "sluice_fleet_{name}{{class=\"{}\"}} {}",
+                        label(&c.name),
+                        get(f)
+                    );
+                }
+            }
         }
     }
     out
