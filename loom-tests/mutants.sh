@@ -6,7 +6,9 @@
 #
 # Each mutant is a perl substitution (whitespace-tolerant, so rustfmt's line
 # breaks do not matter) that must match exactly once in one file of
-# shm-layout. The original bytes are kept in a temporary copy and written back
+# shm-layout. The header mutants are the exception: `Region` does not exist
+# under loom, so they are planted in the model's own mirror of it
+# (loom-tests/tests/header.rs). The original bytes are kept in a temporary copy and written back
 # right after the run (with a fresh mtime, so every cargo target dir rebuilds
 # the file), and by a trap on any exit or interrupt. If someone else rewrote
 # the file while the mutant was in place, it is not overwritten: the script
@@ -107,6 +109,9 @@ A=shm-layout/src/admit.rs
 R=shm-layout/src/registry.rs
 Q=shm-layout/src/queue.rs
 F=shm-layout/src/fleet.rs
+K=shm-layout/src/breaker.rs
+Y=shm-layout/src/retry.rs
+H=loom-tests/tests/header.rs
 
 # The replacement is a perl expression (evaluated with /ee); `$1` is the
 # first group of the pattern.
@@ -221,6 +226,56 @@ mutant fleet-give-back-ignores-epoch $F fleet renew_races_take_and_give_back \
 mutant fleet-take-overdraws $F fleet two_takers_one_token \
     '\(tokens\(w\) >= n\)\.then\(\|\| w - n\)' \
     '"Some(w.wrapping_sub(n) & (TOKEN_MASK | !TOKEN_MASK))"'
+
+# breaker: the half-open probe is an unconditional fetch_add (every
+# request probes).
+mutant breaker-probe-unbounded $K breaker half_open_admits_at_most_the_probes \
+    'let taken = dep\s*\.probes\s*\.fetch_update\([^;]*\);' \
+    '"let taken = Ok::<u64, u64>(dep.probes.fetch_add(1, Ordering::AcqRel)); let _ = allowed;"'
+# breaker: the probe bound is checked by a load, then the count stored.
+mutant breaker-probe-load-then-store $K breaker half_open_admits_at_most_the_probes \
+    'let taken = dep\s*\.probes\s*\.fetch_update\([^;]*\);' \
+    '"let p = dep.probes.load(Ordering::Acquire); let taken = if p < allowed { dep.probes.store(p + 1, Ordering::Release); Ok(p) } else { Err(p) };"'
+# breaker: `trip` is a blind store of the state word instead of a CAS.
+mutant breaker-trip-blind-store $K breaker trip_races_evaluate \
+    'if set\(dep, cur, OPEN, true, 0\)' \
+    '"if { dep.open_until_ns.store(0, Ordering::Relaxed); let next = BreakerWord { epoch: BreakerWord::decode(cur).epoch.wrapping_add(1), mode: OPEN, manual: true }; dep.state.store(next.encode(), Ordering::SeqCst); true }"'
+# breaker: `report` counts by a load then a store (an outcome is lost).
+mutant breaker-report-load-then-store $K breaker report_then_evaluate_opens \
+    'c\.fetch_add\(1, Ordering::Relaxed\);' \
+    '"c.store(c.load(Ordering::Relaxed) + 1, Ordering::Relaxed);"'
+# breaker: the window reset zeroes the counters instead of taking off what
+# it counted (outcomes reported meanwhile are lost).
+mutant breaker-window-reset-stores-zero $K breaker report_then_evaluate_opens \
+    'dep\.successes\.fetch_sub\(s, Ordering::Relaxed\);\s*dep\.failures\.fetch_sub\(f, Ordering::Relaxed\);' \
+    '"dep.successes.store(0, Ordering::Relaxed); dep.failures.store(0, Ordering::Relaxed);"'
+# breaker: a transition keeps the probe count (the next half-open is stuck).
+mutant breaker-set-keeps-probes $K breaker heal_races_probe \
+    'dep\.probes\.store\(0, Ordering::Relaxed\);' \
+    '""'
+
+# retry: `take` is a load then a store instead of a CAS.
+mutant retry-take-load-then-store $Y retry retries_never_exceed_the_budget \
+    'tokens\s*\.fetch_update\(Ordering::AcqRel, Ordering::Acquire, \|t\| t\.checked_sub\(UNIT\)\)\s*\.is_ok\(\)' \
+    '"match tokens.load(Ordering::Acquire).checked_sub(UNIT) { Some(n) => { tokens.store(n, Ordering::Release); true } None => false }"'
+# retry: `refill` ignores the cap.
+mutant retry-refill-uncapped $Y retry retries_never_exceed_the_budget \
+    't\.saturating_add\(ppm\)\.min\(cap\)' \
+    '"{ let _ = cap; t.saturating_add(ppm) }"'
+# retry: `refill` (and so `give_back`) is a load then a store.
+mutant retry-refill-load-then-store $Y retry give_back_never_mints \
+    'let _ = tokens\.fetch_update\(Ordering::AcqRel, Ordering::Acquire, \|t\| \{\s*let next = t\.saturating_add\(ppm\)\.min\(cap\);\s*\(next != t\)\.then_some\(next\)\s*\}\);' \
+    '"let t = tokens.load(Ordering::Acquire); tokens.store(t.saturating_add(ppm).min(cap), Ordering::Release);"'
+
+# header (in the model's mirror of `publish`): the version is published
+# Relaxed.
+mutant header-publish-relaxed $H header attach_sees_a_whole_header_or_none \
+    '\.store\(LAYOUT_VERSION, Ordering::Release\)' \
+    '".store(LAYOUT_VERSION, Ordering::Relaxed)"'
+# header (in the model's mirror of `attach`): the version is loaded Relaxed.
+mutant header-attach-relaxed $H header attach_sees_a_whole_header_or_none \
+    'h\.layout_version\.load\(Ordering::Acquire\)' \
+    '"h.layout_version.load(Ordering::Relaxed)"'
 
 echo "caught $caught of $total"
 if [ "$caught" -lt "$total" ]; then

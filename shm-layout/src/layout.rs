@@ -631,15 +631,18 @@ pub fn check_header_bytes(bytes: &[u8], file_len: u64) -> Result<Geometry, Attac
         });
     }
     let magic = le_u64(bytes, 0);
+    let version = le_u32(bytes, 8);
+    // A daemon lays a region out in a zeroed file and stores the magic
+    // first, the version last: all zeros, or our magic without a version,
+    // is a region being created, not a foreign file.
+    if version == 0 && (magic == 0 || magic == MAGIC) {
+        return Err(AttachError::NotPublished);
+    }
     if magic != MAGIC {
         return Err(AttachError::BadMagic {
             found: magic,
             expected: MAGIC,
         });
-    }
-    let version = le_u32(bytes, 8);
-    if version == 0 {
-        return Err(AttachError::NotPublished);
     }
     if version != LAYOUT_VERSION {
         return Err(AttachError::VersionMismatch {
