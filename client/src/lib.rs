@@ -614,6 +614,7 @@ impl<'c> ClassHandle<'c> {
         let hflags = region.header().flags.load(Ordering::Relaxed);
         if hflags & (FLAG_DRAINING | FLAG_REPLACED) != 0 {
             if hflags & FLAG_REPLACED != 0 {
+                // Known shortcoming: clients are told to re-attach, not switched over to the re-created region.
                 return Err(AcquireError::RegionReplaced {
                     path: self.client.path.clone(),
                 });
@@ -758,6 +759,7 @@ impl<'c> ClassHandle<'c> {
                 degraded,
             } => {
                 if let Some(c) = counts {
+                    // Known shortcoming: a locked add per grant; per-thread counter shards would remove it.
                     counters::bump(&c.counts[counters::ADMITTED], 1);
                     if degraded {
                         counters::bump(&c.counts[counters::DEGRADED], 1);

@@ -26,6 +26,7 @@ static RELOAD: AtomicBool = AtomicBool::new(false);
 /// SIGBUS: the region file was truncated under us and a cut-off page was
 /// touched. Nothing in the mapping can be trusted; say so and exit (systemd
 /// restarts the daemon; the next one refuses the truncated file clearly).
+// Known shortcoming: clients touching a truncated region get SIGBUS too; only the daemon says why.
 extern "C" fn on_sigbus(_sig: libc::c_int) {
     const MSG: &[u8] = b"sluiced: SIGBUS: the region file was truncated under the daemon; exiting (remove the file and start again)\n";
     // SAFETY: write(2) and _exit(2) are async-signal-safe; MSG is a valid

@@ -6,7 +6,7 @@
 //! reused block starts at zero and no count is lost. A reader sums the totals
 //! and every live block.
 //!
-//! A daemon killed in the middle of `fold` may lose the one counter it was
+//! Known shortcoming: a daemon killed in the middle of `fold` may lose the one counter it was
 //! moving (the `swap` happened, the `fetch_add` not).
 
 use crate::sync::{AtomicU64, Ordering};

@@ -72,6 +72,7 @@ pub fn epoch(word: u64) -> u64 {
 
 /// Take `n` tokens. `Ok(epoch)` when taken (keep it for [`give_back`]);
 /// `Err(tokens)` with what is left when there are fewer than `n`.
+// Known shortcoming: one CAS per request on a shared word; per-process batches of credit would cut it.
 pub fn take(credit: &AtomicU64, n: u64) -> Result<u64, u64> {
     // AcqRel: the Acquire half pairs with the daemon's Release top-up (the
     // tokens we take were leased before we saw them); the Release half

@@ -141,9 +141,10 @@
 //! Set `idle_after` no shorter than the longest `period`: an evicted key comes
 //! back with full buckets.
 //!
-//! Known shortcoming: two processes inserting the same new key at the same
-//! moment may each take tokens from their own fresh copy before settle keeps
-//! one, so such a key can get one extra `burst` once, at its creation.
+//! Two processes inserting the same new key at the same moment may each take
+//! tokens from their own fresh copy before settle keeps one: settle carries
+//! the retired copy's spending over (the later `tat` of each bucket), and a
+//! client re-checks its record after taking and retries on the kept copy.
 
 use crate::sync::{fence, AtomicU32, AtomicU64, Ordering};
 
