@@ -312,9 +312,11 @@ pub(crate) fn gates(
                 let retry = (retry > 0).then_some(retry);
                 return Ok(Gates::Refuse(refusal(Reason::Quota, retry, None)));
             }
-            if i != OVERFLOW && rec.state.load(Ordering::SeqCst) != before {
-                // Our copy was retired for another (or evicted): charge the
-                // one that stays.
+            let after = rec.state.load(Ordering::SeqCst);
+            let live = tenants::TenantWord::decode(after).state == tenants::TN_LIVE;
+            if i != OVERFLOW && (after != before || !live) {
+                // Our copy was retired for another (or evicted), before or
+                // during our take: charge the one that stays.
                 untake_tenant(region, &t);
                 let Some(key) = req.tenant else { break };
                 let h = region.header();
