@@ -50,34 +50,9 @@ fn untrack(pid: u32) {
     UNREAPED.lock().unwrap().retain(|&p| p != pid);
 }
 
-/// A whole-test deadline: past it every unreaped child started here is
-/// killed (SIGKILL, by pid) and the test executable exits failing.
-struct Watchdog(Arc<AtomicBool>);
-
-fn watchdog(test: &'static str, limit: Duration) -> Watchdog {
-    let done = Arc::new(AtomicBool::new(false));
-    let seen = Arc::clone(&done);
-    std::thread::spawn(move || {
-        let deadline = Instant::now() + limit;
-        while Instant::now() < deadline {
-            if seen.load(StdOrdering::SeqCst) {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        eprintln!("watchdog: {test} still running after {limit:?}: killing what it started");
-        for &pid in UNREAPED.lock().unwrap().iter() {
-            signal(pid, libc::SIGKILL);
-        }
-        std::process::exit(101);
-    });
-    Watchdog(done)
-}
-
-impl Drop for Watchdog {
-    fn drop(&mut self) {
-        self.0.store(true, StdOrdering::SeqCst);
-    }
+/// A whole-test deadline (see [`common::watchdog`]).
+fn watchdog(test: &'static str, limit: Duration) -> common::Watchdog {
+    common::watchdog(test, limit, &UNREAPED)
 }
 
 /// Spawn and track.

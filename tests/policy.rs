@@ -17,9 +17,8 @@ use std::fs;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::FileExt;
 use std::process::{Child, ChildStdin, ChildStdout, Output, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering as StdOrdering};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::Mutex;
+use std::time::Duration;
 
 use common::{
     code, collect_within, example, num, poll, refused, signal, stderr, stdout, Daemon,
@@ -44,36 +43,9 @@ fn track(pid: u32) -> u32 {
     pid
 }
 
-/// A whole-test deadline: past it, every process these tests started is
-/// killed (SIGKILL, by pid) and the test executable exits failing, so a
-/// deadlock is a failure and never a hang.
-struct Watchdog(Arc<AtomicBool>);
-
-fn watchdog(test: &'static str) -> Watchdog {
-    let limit = Duration::from_secs(90);
-    let done = Arc::new(AtomicBool::new(false));
-    let seen = Arc::clone(&done);
-    std::thread::spawn(move || {
-        let deadline = Instant::now() + limit;
-        while Instant::now() < deadline {
-            if seen.load(StdOrdering::SeqCst) {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        eprintln!("watchdog: {test} still running after {limit:?}: killing what it started");
-        for &pid in STARTED.lock().unwrap().iter() {
-            signal(pid, libc::SIGKILL);
-        }
-        std::process::exit(101);
-    });
-    Watchdog(done)
-}
-
-impl Drop for Watchdog {
-    fn drop(&mut self) {
-        self.0.store(true, StdOrdering::SeqCst);
-    }
+/// A whole-test deadline of 90 s (see [`common::watchdog`]).
+fn watchdog(test: &'static str) -> common::Watchdog {
+    common::watchdog(test, Duration::from_secs(90), &STARTED)
 }
 
 /// A daemon on a temporary region with `classes` as its config (plus a

@@ -38,35 +38,9 @@ fn track(pid: u32) -> u32 {
     pid
 }
 
-/// A whole-test deadline. Past it the test executable kills (SIGKILL, by
-/// pid) every process these tests started and exits failing: a deadlock
-/// becomes a failure, never a hang.
-struct Watchdog(Arc<AtomicBool>);
-
-fn watchdog(test: &'static str, limit: Duration) -> Watchdog {
-    let done = Arc::new(AtomicBool::new(false));
-    let seen = Arc::clone(&done);
-    std::thread::spawn(move || {
-        let deadline = Instant::now() + limit;
-        while Instant::now() < deadline {
-            if seen.load(StdOrdering::SeqCst) {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        eprintln!("watchdog: {test} still running after {limit:?}: killing what it started");
-        for &pid in STARTED.lock().unwrap().iter() {
-            signal(pid, libc::SIGKILL);
-        }
-        std::process::exit(101);
-    });
-    Watchdog(done)
-}
-
-impl Drop for Watchdog {
-    fn drop(&mut self) {
-        self.0.store(true, StdOrdering::SeqCst);
-    }
+/// A whole-test deadline (see [`common::watchdog`]).
+fn watchdog(test: &'static str, limit: Duration) -> common::Watchdog {
+    common::watchdog(test, limit, &STARTED)
 }
 
 /// Start a daemon on a temporary region, watched.

@@ -790,69 +790,51 @@ impl<'c> ClassHandle<'c> {
         }
     }
 
+    /// The general path: policy checks (when the class or the request has
+    /// any), then no overtaking, then slots and tokens; whatever an earlier
+    /// step took is given back if a later one refuses.
     fn try_acquire_general(&self, req: &Request<'_>) -> Result<Decision<'_>, AcquireError> {
         let ctx = match self.context(req)? {
             Ok(ctx) => ctx,
             Err(decision) => return Ok(decision),
         };
+        let ctx = &ctx;
         let lane = req.lane.index();
+        let now_ns = clock::monotonic_ns();
         // Relaxed: class policy bits, written by the daemon; a request
         // racing a pause may still be decided as before it.
         let flags = ctx.rec.flags.load(Ordering::Relaxed);
-        if flags & policy::POLICY_FLAGS != 0 || req.allow_partial || req.tenant.is_some() {
-            return self.try_acquire_policy(&ctx, req, flags);
-        }
-        // Relaxed: a hint on the fast path. Missing a ticket published a
-        // moment ago only lets this request in first, as if it came first;
-        // no wake-up depends on this load (see `Permit::release_slots`).
-        let waiting = ctx.rec.waiters.value.load(Ordering::Relaxed) & queue::bits_at_or_above(lane);
-        if waiting != 0 {
-            return Ok(self.behind_waiters(&ctx, req));
-        }
-        let now = if ctx.params.rate.is_some() {
-            ctx.now_units()
-        } else {
-            0
-        };
-        let seq = if req.cost <= INLINE_SLOTS as u64 {
-            POSITIONAL_SEQ
-        } else {
-            unique_seq(ctx.attached)
-        };
-        let tag = ctx.attached.owner.tag(seq);
-        let ask = Ask {
+        let mut taken = policy::Taken {
             cost: req.cost,
-            lane,
+            ..policy::Taken::default()
         };
-        let adm = admit::decide(&ctx.params, &ctx.rec.tat.value, ctx.slots, ask, now, tag);
-        Ok(self.conclude(adm, ctx.counts, ctx.slots, tag, req.cost, [0; 4]))
-    }
-
-    /// `try_acquire` for a class with policy (pause, dependencies, tenants,
-    /// retry budget) or a request with a tenant or a partial grant.
-    fn try_acquire_policy<'s>(
-        &'s self,
-        ctx: &Ctx<'s>,
-        req: &Request<'_>,
-        flags: u32,
-    ) -> Result<Decision<'s>, AcquireError> {
-        let now_ns = clock::monotonic_ns();
-        let taken = match policy::gates(ctx, req, flags, now_ns, false)? {
-            policy::Gates::Go(t) => t,
-            policy::Gates::Refuse(r) => {
-                return Ok(self.refuse(ctx.counts, r.reason, r.retry_after, r.largest_cost))
+        if flags & policy::POLICY_FLAGS != 0 || req.allow_partial || req.tenant.is_some() {
+            taken = match policy::gates(ctx, req, flags, now_ns, false)? {
+                policy::Gates::Go(t) => t,
+                policy::Gates::Refuse(r) => {
+                    return Ok(self.refuse(ctx.counts, r.reason, r.retry_after, r.largest_cost))
+                }
+                policy::Gates::Hold(t) => {
+                    policy::give_back(ctx, &t);
+                    return Ok(self.refuse(ctx.counts, Reason::NotNow, None, None));
+                }
+            };
+        }
+        // Relaxed: a hint. Missing a ticket published a moment ago only lets
+        // this request in first, as if it came first; no wake-up depends on
+        // this load (see `Permit::release_slots`).
+        if ctx.rec.waiters.value.load(Ordering::Relaxed) & queue::bits_at_or_above(lane) != 0 {
+            let largest = ctx.params.largest_cost(lane);
+            if taken.cost > largest {
+                policy::give_back(ctx, &taken);
+                return Ok(self.refuse(ctx.counts, Reason::SmallerScope, None, Some(largest)));
             }
-            policy::Gates::Hold(t) => {
-                policy::give_back(ctx, &t);
-                return Ok(self.refuse(ctx.counts, Reason::NotNow, None, None));
-            }
-        };
-        let lane = req.lane.index();
-        // Relaxed: see `try_acquire`.
-        let waiting = ctx.rec.waiters.value.load(Ordering::Relaxed) & queue::bits_at_or_above(lane);
-        if waiting != 0 {
+            // Tickets wait ahead: help them along, then go on only if none
+            // is left at or above our lane (never overtake).
             self.help(ctx, now_ns);
-            // SeqCst: see `behind_waiters`.
+            // SeqCst: pairs with the enqueuers' bit sets and the
+            // dispatcher's clearing; after our dispatch the bits say who
+            // still waits.
             if ctx.rec.waiters.value.load(Ordering::SeqCst) & queue::bits_at_or_above(lane) != 0 {
                 policy::give_back(ctx, &taken);
                 return Ok(self.refuse(ctx.counts, Reason::NotNow, None, None));
@@ -876,29 +858,6 @@ impl<'c> ClassHandle<'c> {
             policy::give_back(ctx, &taken);
         }
         Ok(self.conclude(adm, ctx.counts, ctx.slots, tag, taken.cost, deps_of(ctx)))
-    }
-
-    /// Tickets wait ahead of this request: help them along, then refuse
-    /// unless the queue emptied (never overtake).
-    fn behind_waiters(&self, ctx: &Ctx<'_>, req: &Request<'_>) -> Decision<'_> {
-        let lane = req.lane.index();
-        let largest = ctx.params.largest_cost(lane);
-        if req.cost > largest {
-            return self.refuse(ctx.counts, Reason::SmallerScope, None, Some(largest));
-        }
-        let now_ns = clock::monotonic_ns();
-        self.help(ctx, now_ns);
-        // SeqCst: pairs with the enqueuers' bit sets and the dispatcher's
-        // clearing; after our dispatch the bits say who still waits.
-        if ctx.rec.waiters.value.load(Ordering::SeqCst) & queue::bits_at_or_above(lane) != 0 {
-            return self.refuse(ctx.counts, Reason::NotNow, None, None);
-        }
-        // The queue emptied: decide normally (no recursion: the bits are
-        // clear, so try_acquire goes straight to the checks).
-        match self.try_acquire(req) {
-            Ok(d) => d,
-            Err(_) => self.refuse(ctx.counts, Reason::NotNow, None, None),
-        }
     }
 
     pub(crate) fn refuse(

@@ -424,12 +424,12 @@ pub fn apply_classes(region: &Region, config: &Config, now_ns: u64) -> Result<()
                 .ok_or_else(|| RegionError::Config("class index".into()))?;
             let (_, tlen) = ticket_range(rec);
             let lane_len = rec.ticket_lane_len.load(Ordering::Relaxed);
-            if tickets_needed(class) > tlen || tickets_per_lane(class) > lane_len {
+            if class.ticket_records() > tlen || class.tickets_per_lane() > lane_len {
                 return Err(RegionError::Config(format!(
                     "classes.{}: queue_depth {} and max_in_flight need {} ticket records, more than the {tlen} this region reserved for the class: restart sluiced on a new region to raise them",
                     class.name,
                     class.queue_depth,
-                    tickets_needed(class)
+                    class.ticket_records()
                 )));
             }
             let (_, len) = slot_range(rec);
@@ -501,7 +501,7 @@ pub fn apply_classes(region: &Region, config: &Config, now_ns: u64) -> Result<()
             None => {
                 let want = class.max_in_flight.unwrap_or(0) as u32;
                 let caps = region.geometry().caps;
-                let tickets = tickets_needed(class);
+                let tickets = class.ticket_records();
                 let ticket_base = allocate(region, tickets, caps.tickets, ticket_range)
                     .ok_or_else(|| {
                         RegionError::Config(format!(
@@ -538,7 +538,7 @@ pub fn apply_classes(region: &Region, config: &Config, now_ns: u64) -> Result<()
                 rec.ticket_base.store(ticket_base, Ordering::Relaxed);
                 rec.ticket_len.store(tickets, Ordering::Relaxed);
                 rec.ticket_lane_len
-                    .store(tickets_per_lane(class), Ordering::Relaxed);
+                    .store(class.tickets_per_lane(), Ordering::Relaxed);
                 rec.enqueue_seq.value.store(0, Ordering::Relaxed);
                 rec.waiters.value.store(0, Ordering::Relaxed);
                 for h in &rec.wait_hist {
@@ -746,16 +746,6 @@ fn ticket_range(rec: &ClassRecord) -> (u32, u32) {
         rec.ticket_base.load(Ordering::Relaxed),
         rec.ticket_len.load(Ordering::Relaxed),
     )
-}
-
-/// Ticket records per lane (see [`ClassConfig::tickets_per_lane`]).
-pub fn tickets_per_lane(class: &ClassConfig) -> u32 {
-    class.tickets_per_lane()
-}
-
-/// Ticket records a class needs (see [`ClassConfig::ticket_records`]).
-pub fn tickets_needed(class: &ClassConfig) -> u32 {
-    class.ticket_records()
 }
 
 /// Tier names in config order (their record index), checked to fit.

@@ -10,7 +10,7 @@ use serde::Serialize;
 use sluice_client::clock::monotonic_ns;
 use sluice_client::{OpenError, RegionMap};
 use sluice_shm_layout::admit::ClassParams;
-use sluice_shm_layout::bucket::{ns_to_units, units_to_ns_ceil};
+use sluice_shm_layout::bucket::ns_to_units;
 use sluice_shm_layout::counters::{self, Reason};
 use sluice_shm_layout::layout::{ClassRecord, Region, CLASS_ACTIVE, CLIENT_FREE, LANES};
 use sluice_shm_layout::queue::{self, TicketWord};
@@ -422,11 +422,6 @@ fn live_clients(region: &Region) -> Vec<u32> {
             })
         })
         .collect()
-}
-
-/// Nanoseconds from fixed-point units (re-exported for display code).
-pub fn units_ns(units: u64) -> u64 {
-    units_to_ns_ceil(units)
 }
 
 /// Percentiles of a class's wait histogram, through hdrhistogram: each

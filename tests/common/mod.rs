@@ -27,7 +27,8 @@ use std::io::Read;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
-use std::sync::Once;
+use std::sync::atomic::{AtomicBool, Ordering as StdOrdering};
+use std::sync::{Arc, Mutex, Once};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -72,11 +73,19 @@ pub fn bin(name: &str) -> PathBuf {
 
 /// Build both binaries into the target directory this test runs from.
 fn build_daemon_bins() {
+    cargo_build(&["-p", "sluice-daemon", "--bins"]);
+}
+
+/// `cargo build --quiet ARGS` into the target directory and profile this
+/// test executable runs from. If cargo itself cannot be run (a test
+/// executable started by hand), what is already built is used.
+fn cargo_build(args: &[&str]) {
     let dir = profile_dir();
     let target = dir.parent().expect("target/<profile> has a parent");
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut cmd = Command::new(cargo);
-    cmd.args(["build", "--quiet", "-p", "sluice-daemon", "--bins"])
+    cmd.args(["build", "--quiet"])
+        .args(args)
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .env("CARGO_TARGET_DIR", target);
     match dir.file_name().and_then(|n| n.to_str()) {
@@ -98,7 +107,7 @@ fn build_daemon_bins() {
         Ok(c) => c,
         Err(e) => {
             eprintln!(
-                "warning: cannot run cargo ({e}): using the binaries in {}",
+                "warning: cannot run cargo ({e}): using what is built in {}",
                 dir.display()
             );
             return;
@@ -486,26 +495,38 @@ pub fn example(name: &str) -> PathBuf {
 /// Build the root package's examples into the target directory this test
 /// runs from.
 fn build_examples() {
-    let dir = profile_dir();
-    let target = dir.parent().expect("target/<profile> has a parent");
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let mut cmd = Command::new(cargo);
-    cmd.args(["build", "--quiet", "-p", "sluice", "--examples"])
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .env("CARGO_TARGET_DIR", target);
-    match dir.file_name().and_then(|n| n.to_str()) {
-        Some("debug") | None => {}
-        Some("release") => {
-            cmd.arg("--release");
+    cargo_build(&["-p", "sluice", "--examples"]);
+}
+
+/// A whole-test deadline: past it, every process in `pids` (the ones the
+/// test file started and has not reaped) is killed (SIGKILL, by pid) and
+/// the test executable exits failing, so a deadlock is a failure, never a
+/// hang. Disarmed when dropped.
+pub struct Watchdog(Arc<AtomicBool>);
+
+/// Arm a [`Watchdog`] for `test`.
+pub fn watchdog(test: &'static str, limit: Duration, pids: &'static Mutex<Vec<u32>>) -> Watchdog {
+    let done = Arc::new(AtomicBool::new(false));
+    let seen = Arc::clone(&done);
+    std::thread::spawn(move || {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if seen.load(StdOrdering::SeqCst) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
         }
-        Some(profile) => {
-            cmd.args(["--profile", profile]);
+        eprintln!("watchdog: {test} still running after {limit:?}: killing what it started");
+        for &pid in pids.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+            signal(pid, libc::SIGKILL);
         }
+        std::process::exit(101);
+    });
+    Watchdog(done)
+}
+
+impl Drop for Watchdog {
+    fn drop(&mut self) {
+        self.0.store(true, StdOrdering::SeqCst);
     }
-    let out = output_within(&mut cmd, Duration::from_secs(600));
-    assert!(
-        out.status.success(),
-        "building the examples failed:\n{}",
-        stderr(&out)
-    );
 }

@@ -265,11 +265,6 @@ pub fn run(region: &Path, args: RunArgs) -> i32 {
     }
 }
 
-/// Format a retry-after for messages (re-exported for tests).
-pub fn retry_text(d: std::time::Duration) -> String {
-    fmt_duration(d)
-}
-
 /// Wait for the command; if the permit's holder is asked to stop (`sluice
 /// cancel`), send the command SIGTERM (once) and keep waiting for it.
 fn wait_child(
