@@ -59,8 +59,9 @@ pub fn count(region: &Region, class_idx: u32, counter: usize) -> u64 {
 
 impl RateSampler {
     /// Take a sample (at most once a second) and publish each class's
-    /// grants per second over the window; 0 when nothing was granted in it
-    /// (the ETA of a slot-waiting ticket is then unknown).
+    /// releases per second over the window: grants minus the growth of
+    /// held slots (no counter on the release path). 0 when nothing was
+    /// released in it: the ETA of a slot-waiting ticket is then unknown.
     pub fn sample(&mut self, region: &Region) {
         let now = Instant::now();
         if self
@@ -77,7 +78,17 @@ impl RateSampler {
                 self.samples.remove(&i);
                 continue;
             }
-            let n = admitted(region, i);
+            // Relaxed: fixed while the class exists (the daemon writes them).
+            let (b, l) = (
+                rec.slot_base.load(Ordering::Relaxed),
+                rec.slot_len.load(Ordering::Relaxed),
+            );
+            let held = region
+                .slots(b, l)
+                .map(sluice_shm_layout::slots::in_flight)
+                .unwrap_or(0);
+            // Releases so far = grants so far − slots held now.
+            let n = admitted(region, i).saturating_sub(held);
             let q = self.samples.entry(i).or_default();
             q.push_back((now, n));
             while q.len() > 2

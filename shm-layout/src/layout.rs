@@ -255,8 +255,8 @@ pub struct ClassRecord {
     pub ticket_base: AtomicU32,
     /// Ticket records reserved for this class.
     pub ticket_len: AtomicU32,
-    /// Grants per second × 1000, sampled by the daemon for ETAs (0: no
-    /// sample yet).
+    /// Releases per second × 1000, sampled by the daemon for ETAs (0: none
+    /// in the sampling window, the ETA of a slot waiter is unknown).
     pub grant_rate_milli: AtomicU64,
     /// Ticket records per lane; the four lanes come first, then the pool
     /// for tickets granted without waiting.

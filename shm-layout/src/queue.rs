@@ -604,7 +604,7 @@ pub struct EtaInput<'a> {
     pub position: u32,
     /// Cost of the tickets ahead, this one included.
     pub cost_ahead: u64,
-    /// Grants per second × 1000 recently sampled by the daemon (0: none).
+    /// Releases per second × 1000 recently sampled by the daemon (0: none).
     pub grants_per_sec_milli: u64,
 }
 
@@ -612,8 +612,8 @@ pub struct EtaInput<'a> {
 ///
 /// - Waiting for tokens: the bucket admits the cumulative cost `cost_ahead`
 ///   (this ticket's included) at `max(tat, now) + (cost_ahead − burst)·T`.
-/// - Waiting for slots: `position / grants_per_sec`, where the rate is the
-///   daemon's sample of recent grants; unknown (None) with no sample.
+/// - Waiting for slots: `position / releases_per_sec`, where the rate is
+///   the daemon's sample of recent releases; unknown (None) with none.
 pub fn eta_ns(e: &EtaInput<'_>) -> Option<u64> {
     let token_eta = e.rate.map(|r| {
         // tat + (n − burst)·T − now, which is below tat when n < burst;

@@ -13,7 +13,8 @@ use crate::stats::{FleetStats, Snapshot};
 /// Arguments of `stats`.
 #[derive(Args, Debug)]
 pub struct StatsArgs {
-    /// Print JSON: {"daemon": {...}, "classes": [...]} (one line per sample
+    /// Print JSON: {"daemon": {...}, "classes": [...], "dependencies": [...]}
+    /// (one line per sample
     /// with --watch).
     #[arg(long, conflicts_with = "prometheus")]
     pub json: bool,
